@@ -1,0 +1,380 @@
+//! The learner: receives Arrow batches of validated events, computes the index of each pair
+//! with the policy and its frozen reference, the configured objective with the current link
+//! estimate, and takes an AdamW step. It never sees a consumer or a source.
+
+use crate::buffer::BatchView;
+use crate::config::Config;
+use crate::link::RecursiveLink;
+use crate::model::{Policy, WeightExport};
+use crate::objective::{index, Divergence, Objective};
+use crate::optim::AdamW;
+use crate::snapshot::StepRecord;
+use crate::source::{Position, PreferenceEvent};
+use anyhow::{Context, Result};
+use arrow::record_batch::RecordBatch;
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// One trained event, for per-event accounting.
+#[derive(Debug, Clone)]
+pub struct TrainedEvent {
+    pub event_id: String,
+    pub position: Position,
+    pub weight: f64,
+}
+
+/// Result of one step.
+pub struct StepReport {
+    pub record: StepRecord,
+    pub trained: Vec<TrainedEvent>,
+}
+
+/// Held-out evaluation of the index against labels (link-free) and under the links.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvalReport {
+    pub n: usize,
+    /// Share of pairs where sign(t) agrees with the label (ties count half).
+    pub accuracy: f64,
+    /// Area under the ROC curve of t for z = 1 versus z = 0.
+    pub auc: f64,
+    /// Mean DPO loss −log σ(β s).
+    pub dpo_loss: f64,
+    /// Mean negative log-likelihood of labels under the learned link Ψ̂(t).
+    pub spo_nll: f64,
+}
+
+/// Learner state that is not tensors (saved in snapshots as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LearnerState {
+    pub step: u64,
+    pub link: RecursiveLink,
+    pub objective: serde_json::Value,
+}
+
+pub struct Learner {
+    policy: Box<dyn Policy>,
+    objective: Objective,
+    link: RecursiveLink,
+    opt: AdamW,
+    divergence: Divergence,
+    beta: f64,
+    step: u64,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v.len() as f64;
+    (m, var.sqrt())
+}
+
+/// Pairwise accuracy of sign(t) against labels; ties count half.
+pub fn pairwise_accuracy(t: &[f64], z: &[f64]) -> f64 {
+    if t.is_empty() {
+        return 0.5;
+    }
+    let s: f64 = t
+        .iter()
+        .zip(z)
+        .map(|(t, z)| {
+            if *t == 0.0 {
+                0.5
+            } else if (*t > 0.0) == (*z > 0.5) {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .sum();
+    s / t.len() as f64
+}
+
+/// AUC of scores t for positives (z = 1) against negatives, ties counting half.
+pub fn auc(t: &[f64], z: &[f64]) -> f64 {
+    let mut idx: Vec<usize> = (0..t.len()).collect();
+    idx.sort_by(|a, b| t[*a].total_cmp(&t[*b]));
+    // Average ranks with ties.
+    let mut ranks = vec![0.0; t.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && t[idx[j + 1]] == t[idx[i]] {
+            j += 1;
+        }
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            ranks[idx[k]] = r;
+        }
+        i = j + 1;
+    }
+    let n1 = z.iter().filter(|z| **z > 0.5).count() as f64;
+    let n0 = z.len() as f64 - n1;
+    if n1 == 0.0 || n0 == 0.0 {
+        return 0.5;
+    }
+    let r1: f64 = ranks
+        .iter()
+        .zip(z)
+        .filter(|(_, z)| **z > 0.5)
+        .map(|(r, _)| *r)
+        .sum();
+    (r1 - n1 * (n1 + 1.0) / 2.0) / (n1 * n0)
+}
+
+fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+impl Learner {
+    pub fn new(policy: Box<dyn Policy>, cfg: &Config) -> Result<Self> {
+        let opt = AdamW::new(policy.trainable(), cfg.optim.clone())?;
+        Ok(Self {
+            objective: Objective::new(cfg.objective.clone()),
+            link: RecursiveLink::new(cfg.link.clone()),
+            divergence: cfg.objective.divergence,
+            beta: cfg.objective.beta,
+            opt,
+            policy,
+            step: 0,
+        })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+    pub fn link(&self) -> &RecursiveLink {
+        &self.link
+    }
+    pub fn policy(&self) -> &dyn Policy {
+        self.policy.as_ref()
+    }
+    pub fn objective_name(&self) -> &'static str {
+        self.objective.cfg.kind.as_str()
+    }
+
+    /// Reference log-probs for rows without cached ones (computed once per event).
+    fn refs(&self, v: &BatchView) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = v.len();
+        let mut r0 = vec![0f32; n];
+        let mut r1 = vec![0f32; n];
+        let mut missing = Vec::new();
+        for i in 0..n {
+            match v.cached_ref(i) {
+                Some((a, b)) => {
+                    r0[i] = a as f32;
+                    r1[i] = b as f32;
+                }
+                None => missing.push(i),
+            }
+        }
+        if !missing.is_empty() {
+            let prompts: Vec<&str> = missing
+                .iter()
+                .chain(missing.iter())
+                .map(|&i| v.prompt.value(i))
+                .collect();
+            let resp: Vec<&str> = missing
+                .iter()
+                .map(|&i| v.response_0.value(i))
+                .chain(missing.iter().map(|&i| v.response_1.value(i)))
+                .collect();
+            let lp = self.policy.ref_logps(&prompts, &resp)?;
+            let m = missing.len();
+            for (k, &i) in missing.iter().enumerate() {
+                r0[i] = lp[k];
+                r1[i] = lp[m + k];
+            }
+        }
+        Ok((r0, r1))
+    }
+
+    /// The index t of every pair in the batch under the current policy.
+    fn index_of(&self, v: &BatchView, train: bool) -> Result<Tensor> {
+        let n = v.len();
+        let (r0, r1) = self.refs(v)?;
+        let dev = self.policy.device().clone();
+        let prompts: Vec<&str> = (0..n).chain(0..n).map(|i| v.prompt.value(i)).collect();
+        let resp: Vec<&str> = (0..n)
+            .map(|i| v.response_0.value(i))
+            .chain((0..n).map(|i| v.response_1.value(i)))
+            .collect();
+        let lp = self.policy.logps(&prompts, &resp, train)?.to_dtype(DType::F32)?;
+        let lp0 = lp.narrow(0, 0, n)?;
+        let lp1 = lp.narrow(0, n, n)?;
+        let ref0 = Tensor::from_vec(r0, n, &dev)?;
+        let ref1 = Tensor::from_vec(r1, n, &dev)?;
+        index(self.divergence, &lp1, &ref1, &lp0, &ref0)
+    }
+
+    /// One optimiser step on a batch.
+    pub fn step(&mut self, batch: &RecordBatch) -> Result<StepReport> {
+        let started = Instant::now();
+        let v = BatchView::new(batch)?;
+        let n = v.len();
+        anyhow::ensure!(n > 0, "empty batch");
+        let dev = self.policy.device().clone();
+        let t = self.index_of(&v, true)?;
+        let z: Vec<f32> = (0..n).map(|i| v.label.value(i) as f32).collect();
+        let w: Vec<f32> = (0..n).map(|i| v.weight.value(i) as f32).collect();
+        let zt = Tensor::from_vec(z.clone(), n, &dev)?;
+        let wt = Tensor::from_vec(w.clone(), n, &dev)?;
+        let loss = self
+            .objective
+            .loss(&t, &zt, &wt, &self.link, self.step)
+            .context("computing the objective")?;
+        let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let t_v: Vec<f64> = t
+            .detach()
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let mut applied = false;
+        let mut grad_norm = f64::NAN;
+        if loss_v.is_finite() {
+            let grads = loss.backward()?;
+            let info = self.opt.step(&grads)?;
+            grad_norm = info.grad_norm;
+            applied = info.finite;
+        }
+        let z64: Vec<f64> = z.iter().map(|x| *x as f64).collect();
+        let w64: Vec<f64> = w.iter().map(|x| *x as f64).collect();
+        if applied {
+            self.step += 1;
+            self.link.update(&t_v, &z64, &w64);
+            self.objective.observe(&t_v, &z64);
+        }
+        let (m, s) = mean_std(&t_v);
+        let drift = self.link.drift();
+        let trained = if applied {
+            (0..n)
+                .map(|i| TrainedEvent {
+                    event_id: v.event_id.value(i).to_string(),
+                    position: v.position(i),
+                    weight: v.weight.value(i),
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        Ok(StepReport {
+            record: StepRecord {
+                step: self.step,
+                time_ms: chrono::Utc::now().timestamp_millis(),
+                objective: self.objective_name().to_string(),
+                loss: loss_v,
+                pairs: n as u32,
+                grad_norm,
+                index_mean: m,
+                index_std: s,
+                batch_accuracy: pairwise_accuracy(&t_v, &z64),
+                step_seconds: started.elapsed().as_secs_f64(),
+                link_drift_sup: drift.sup,
+                link_drift_l2: drift.l2,
+                applied,
+            },
+            trained,
+        })
+    }
+
+    /// Evaluate on held-out events (no gradient). Fills in missing reference log-probs in
+    /// place so that each event pays for the reference forward once.
+    pub fn evaluate(&self, events: &mut [(PreferenceEvent, Position)]) -> Result<EvalReport> {
+        if events.is_empty() {
+            return Ok(EvalReport::default());
+        }
+        let mut ts = Vec::with_capacity(events.len());
+        for chunk in events.chunks_mut(64) {
+            let batch = crate::buffer::to_batch(chunk)?;
+            let v = BatchView::new(&batch)?;
+            let (r0, r1) = self.refs(&v)?;
+            for (k, (e, _)) in chunk.iter_mut().enumerate() {
+                e.ref_logp_0.get_or_insert(r0[k] as f64);
+                e.ref_logp_1.get_or_insert(r1[k] as f64);
+            }
+            let batch = crate::buffer::to_batch(chunk)?;
+            let v = BatchView::new(&batch)?;
+            let t = self.index_of(&v, false)?.detach();
+            ts.extend(t.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        let z: Vec<f64> = events.iter().map(|(e, _)| e.label as f64).collect();
+        let n = ts.len() as f64;
+        let dpo = ts
+            .iter()
+            .zip(&z)
+            .map(|(t, z)| softplus(-self.beta * t * (2.0 * z - 1.0)))
+            .sum::<f64>()
+            / n;
+        let nll = ts
+            .iter()
+            .zip(&z)
+            .map(|(t, z)| {
+                let p = self.link.psi(*t).clamp(1e-6, 1.0 - 1e-6);
+                -(z * p.ln() + (1.0 - z) * (1.0 - p).ln())
+            })
+            .sum::<f64>()
+            / n;
+        Ok(EvalReport {
+            n: ts.len(),
+            accuracy: pairwise_accuracy(&ts, &z),
+            auc: auc(&ts, &z),
+            dpo_loss: dpo,
+            spo_nll: nll,
+        })
+    }
+
+    /// Non-tensor state for snapshots.
+    pub fn state(&self) -> LearnerState {
+        LearnerState {
+            step: self.step,
+            link: self.link.clone(),
+            objective: self.objective.state(),
+        }
+    }
+
+    /// Copy out weights and optimiser state for a snapshot.
+    pub fn export(&self) -> Result<(WeightExport, Vec<(String, Tensor)>, u64)> {
+        let w = self.policy.export()?;
+        let (o, s) = self.opt.state()?;
+        Ok((w, o, s))
+    }
+
+    /// Restore from snapshot contents.
+    pub fn restore(
+        &mut self,
+        weights: &HashMap<String, Tensor>,
+        optimizer: &HashMap<String, Tensor>,
+        optimizer_step: u64,
+        state: LearnerState,
+    ) -> Result<()> {
+        self.policy.load_trainable(weights)?;
+        self.opt = AdamW::new(self.policy.trainable(), self.opt_cfg())?;
+        self.opt.load_state(optimizer, optimizer_step)?;
+        self.step = state.step;
+        self.link = state.link;
+        self.objective.load_state(&state.objective)?;
+        Ok(())
+    }
+
+    fn opt_cfg(&self) -> crate::optim::OptimConfig {
+        self.opt.config().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_and_accuracy() {
+        let t = [0.9, 0.1, -0.3, 0.5, -0.8];
+        let z = [1.0, 0.0, 0.0, 1.0, 0.0];
+        assert_eq!(auc(&t, &z), 1.0);
+        assert!((pairwise_accuracy(&t, &z) - 0.8).abs() < 1e-12);
+        let z2 = [0.0, 1.0, 1.0, 0.0, 1.0];
+        assert_eq!(auc(&t, &z2), 0.0);
+        assert_eq!(auc(&[1.0, 1.0], &[1.0, 0.0]), 0.5);
+    }
+}

@@ -1,0 +1,139 @@
+//! Policy models: anything that gives differentiable summed log-probs of responses given
+//! prompts. The learner only sees the [`Policy`] trait.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How the policy is trained.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainMode {
+    /// Every weight is trainable.
+    #[default]
+    Full,
+    /// Only LoRA adapters are trainable.
+    Lora,
+}
+
+/// `[model.lora]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        }
+    }
+}
+
+/// `[model.tiny]`: the embedded default model (Llama architecture, random init, seeded),
+/// created under the data directory on first run and reused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TinyConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub seed: u64,
+}
+
+impl Default for TinyConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 512,
+            hidden_size: 64,
+            intermediate_size: 176,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            seed: 0,
+        }
+    }
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    /// Unset: the embedded tiny model under `<data_dir>/model`.
+    pub path: Option<PathBuf>,
+    pub tiny: TinyConfig,
+    pub train: TrainMode,
+    pub lora: LoraConfig,
+    /// Prompts longer than this many tokens are truncated from the left.
+    pub max_prompt_tokens: usize,
+    /// Responses longer than this many tokens are truncated from the right.
+    pub max_response_tokens: usize,
+    /// `cpu` or `cuda:N` (needs the `cuda` feature).
+    pub device: String,
+    /// Weight dtype: `f32` (default), `bf16` or `f16` (CUDA).
+    pub dtype: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            tiny: TinyConfig::default(),
+            train: TrainMode::Full,
+            lora: LoraConfig::default(),
+            max_prompt_tokens: 256,
+            max_response_tokens: 256,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        }
+    }
+}
+
+/// The weights a snapshot writes, copied out of the live model so that serialisation can
+/// happen on another thread.
+pub struct WeightExport {
+    /// `model.safetensors` (full fine-tune) or `adapter_model.safetensors` (LoRA).
+    pub tensor_file: String,
+    /// Tensors under their HF/PEFT names.
+    pub tensors: Vec<(String, Tensor)>,
+    /// Side files (config.json, tokenizer.json, adapter_config.json, ...).
+    pub side_files: Vec<(String, Vec<u8>)>,
+}
+
+/// A trainable policy over text.
+pub trait Policy: Send {
+    /// Summed log-probs of each response given its prompt (the TRL convention), shape `[n]`,
+    /// f32, differentiable with respect to [`Policy::trainable`]. `train` enables dropout.
+    fn logps(&self, prompts: &[&str], responses: &[&str], train: bool) -> Result<Tensor>;
+    /// The same under the frozen reference model, no gradient.
+    fn ref_logps(&self, prompts: &[&str], responses: &[&str]) -> Result<Vec<f32>>;
+    /// Trainable variables, by stable name.
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// The compute device.
+    fn device(&self) -> &Device;
+    /// Copy out what a snapshot writes.
+    fn export(&self) -> Result<WeightExport>;
+    /// Restore trainable weights (names as in [`Policy::trainable`]).
+    fn load_trainable(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
+    /// One line for logs.
+    fn describe(&self) -> String;
+}
+
+/// Build the configured policy (the embedded tiny model by default).
+pub fn load_policy(cfg: &ModelConfig, data_dir: &Path) -> Result<Box<dyn Policy>> {
+    let _ = (cfg, data_dir);
+    anyhow::bail!("model loading is not implemented yet")
+}
