@@ -39,7 +39,9 @@ pub fn schema() -> SchemaRef {
 /// Build a record batch from events and their positions.
 pub fn to_batch(rows: &[(PreferenceEvent, Position)]) -> Result<RecordBatch> {
     let s = |f: fn(&PreferenceEvent) -> &str| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|(e, _)| f(e))))
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(e, _)| f(e)),
+        ))
     };
     let os = |f: fn(&PreferenceEvent) -> Option<&str>| -> ArrayRef {
         Arc::new(StringArray::from_iter(rows.iter().map(|(e, _)| f(e))))
@@ -49,20 +51,30 @@ pub fn to_batch(rows: &[(PreferenceEvent, Position)]) -> Result<RecordBatch> {
         s(|e| &e.prompt),
         s(|e| &e.response_0),
         s(|e| &e.response_1),
-        Arc::new(UInt8Array::from_iter_values(rows.iter().map(|(e, _)| e.label))),
+        Arc::new(UInt8Array::from_iter_values(
+            rows.iter().map(|(e, _)| e.label),
+        )),
         Arc::new(Float64Array::from_iter_values(
             rows.iter().map(|(e, _)| e.weight_or_one()),
         )),
-        Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.ref_logp_0))),
-        Arc::new(Float64Array::from_iter(rows.iter().map(|(e, _)| e.ref_logp_1))),
+        Arc::new(Float64Array::from_iter(
+            rows.iter().map(|(e, _)| e.ref_logp_0),
+        )),
+        Arc::new(Float64Array::from_iter(
+            rows.iter().map(|(e, _)| e.ref_logp_1),
+        )),
         os(|e| e.ts.as_deref()),
         os(|e| e.annotator.as_deref()),
         os(|e| e.policy_version.as_deref()),
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|(_, p)| p.stream.as_str()),
         )),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|(_, p)| p.partition))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|(_, p)| p.offset))),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|(_, p)| p.partition),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|(_, p)| p.offset),
+        )),
     ];
     Ok(RecordBatch::try_new(schema(), cols)?)
 }
@@ -157,8 +169,11 @@ impl EventBuffer {
     /// Drop every buffered event of these stream-partitions (after a rebalance took them).
     pub fn drop_partitions(&mut self, parts: &[(String, i32)]) -> usize {
         let before = self.rows.len();
-        self.rows
-            .retain(|(_, p)| !parts.iter().any(|(s, q)| *s == p.stream && *q == p.partition));
+        self.rows.retain(|(_, p)| {
+            !parts
+                .iter()
+                .any(|(s, q)| *s == p.stream && *q == p.partition)
+        });
         before - self.rows.len()
     }
     /// Positions of the buffered (untrained) events.

@@ -192,7 +192,8 @@ impl Config {
             let path = e.path().to_string();
             anyhow::anyhow!("config key `{path}`: {}", e.inner())
         })?;
-        cfg.validate().map_err(|e| anyhow::anyhow!("config key {e}"))?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("config key {e}"))?;
         Ok(cfg)
     }
 

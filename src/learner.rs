@@ -129,6 +129,60 @@ fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
+/// Result of [`update_on_index`].
+pub struct CoreStep {
+    pub loss: f64,
+    /// Detached index values of the batch.
+    pub t: Vec<f64>,
+    pub grad_norm: f64,
+    /// False when the loss or a gradient was not finite: nothing was changed.
+    pub applied: bool,
+}
+
+/// The policy-independent part of a learner step, shared by every policy (the LM pipeline
+/// and the MLP of `spoke bench synthetic`): objective on the index with the current link
+/// estimate, backward, AdamW step, then the link estimate and the objective's memory are
+/// updated with the detached (t, z, w). `t` must be differentiable w.r.t. the optimiser's vars.
+pub fn update_on_index(
+    objective: &mut Objective,
+    link: &mut RecursiveLink,
+    opt: &mut AdamW,
+    t: &Tensor,
+    z: &[f32],
+    w: &[f32],
+    step: u64,
+) -> Result<CoreStep> {
+    let n = z.len();
+    let dev = t.device().clone();
+    let zt = Tensor::from_vec(z.to_vec(), n, &dev)?;
+    let wt = Tensor::from_vec(w.to_vec(), n, &dev)?;
+    let loss = objective
+        .loss(t, &zt, &wt, link, step)
+        .context("computing the objective")?;
+    let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let t_v: Vec<f64> = t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let mut applied = false;
+    let mut grad_norm = f64::NAN;
+    if loss_v.is_finite() {
+        let grads = loss.backward()?;
+        let info = opt.step(&grads)?;
+        grad_norm = info.grad_norm;
+        applied = info.finite;
+    }
+    if applied {
+        let z64: Vec<f64> = z.iter().map(|x| *x as f64).collect();
+        let w64: Vec<f64> = w.iter().map(|x| *x as f64).collect();
+        link.update(&t_v, &z64, &w64);
+        objective.observe(&t_v, &z64);
+    }
+    Ok(CoreStep {
+        loss: loss_v,
+        t: t_v,
+        grad_norm,
+        applied,
+    })
+}
+
 impl Learner {
     pub fn new(policy: Box<dyn Policy>, cfg: &Config) -> Result<Self> {
         let opt = AdamW::new(policy.trainable(), cfg.optim.clone())?;
@@ -202,7 +256,10 @@ impl Learner {
             .map(|i| v.response_0.value(i))
             .chain((0..n).map(|i| v.response_1.value(i)))
             .collect();
-        let lp = self.policy.logps(&prompts, &resp, train)?.to_dtype(DType::F32)?;
+        let lp = self
+            .policy
+            .logps(&prompts, &resp, train)?
+            .to_dtype(DType::F32)?;
         let lp0 = lp.narrow(0, 0, n)?;
         let lp1 = lp.narrow(0, n, n)?;
         let ref0 = Tensor::from_vec(r0, n, &dev)?;
@@ -220,31 +277,19 @@ impl Learner {
         let t = self.index_of(&v, true)?;
         let z: Vec<f32> = (0..n).map(|i| v.label.value(i) as f32).collect();
         let w: Vec<f32> = (0..n).map(|i| v.weight.value(i) as f32).collect();
-        let zt = Tensor::from_vec(z.clone(), n, &dev)?;
-        let wt = Tensor::from_vec(w.clone(), n, &dev)?;
-        let loss = self
-            .objective
-            .loss(&t, &zt, &wt, &self.link, self.step)
-            .context("computing the objective")?;
-        let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let t_v: Vec<f64> = t
-            .detach()
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let mut applied = false;
-        let mut grad_norm = f64::NAN;
-        if loss_v.is_finite() {
-            let grads = loss.backward()?;
-            let info = self.opt.step(&grads)?;
-            grad_norm = info.grad_norm;
-            applied = info.finite;
-        }
+        let core = update_on_index(
+            &mut self.objective,
+            &mut self.link,
+            &mut self.opt,
+            &t,
+            &z,
+            &w,
+            self.step,
+        )?;
+        let (loss_v, t_v, applied, grad_norm) = (core.loss, core.t, core.applied, core.grad_norm);
         let z64: Vec<f64> = z.iter().map(|x| *x as f64).collect();
-        let w64: Vec<f64> = w.iter().map(|x| *x as f64).collect();
         if applied {
             self.step += 1;
-            self.link.update(&t_v, &z64, &w64);
-            self.objective.observe(&t_v, &z64);
         }
         let (m, s) = mean_std(&t_v);
         let drift = self.link.drift();

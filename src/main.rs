@@ -99,7 +99,10 @@ impl RunArgs {
     fn overrides(&self) -> Vec<String> {
         let mut v = self.sets.clone();
         if let Some(d) = &self.data_dir {
-            v.push(format!("run.data_dir={}", toml_str(&d.display().to_string())));
+            v.push(format!(
+                "run.data_dir={}",
+                toml_str(&d.display().to_string())
+            ));
         }
         if let Some(n) = self.max_events {
             v.push(format!("run.max_events={n}"));
@@ -177,7 +180,10 @@ async fn run_cmd(args: RunArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

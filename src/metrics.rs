@@ -48,7 +48,8 @@ pub struct Metrics {
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone())).expect("metric registers once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registers once");
     c
 }
 
@@ -56,13 +57,19 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let r = Registry::new();
         let cv = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid"),
+            )
         };
         let c = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid"));
         let g = |name: &str, help: &str| reg(&r, Gauge::new(name, help).expect("valid"));
         let ig = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid"));
         let igv = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid"))
+            reg(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid"),
+            )
         };
         let h = |name: &str, help: &str, buckets: Vec<f64>| {
             reg(
@@ -93,7 +100,10 @@ impl Metrics {
                 "Rejected records written to the dead-letter sink.",
                 &["source", "topic"],
             ),
-            events_trained: c("spoke_events_trained_total", "Events the learner trained on."),
+            events_trained: c(
+                "spoke_events_trained_total",
+                "Events the learner trained on.",
+            ),
             events_held_out: c(
                 "spoke_events_held_out_total",
                 "Events routed to the held-out evaluation slice.",
@@ -232,7 +242,10 @@ pub async fn serve(
                 let m = metrics.clone();
                 async move {
                     (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
                         m.render(),
                     )
                 }

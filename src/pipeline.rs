@@ -127,17 +127,18 @@ pub fn build_source(cfg: &Config, metrics: Arc<Metrics>) -> Result<Box<dyn Sourc
             None,
         )),
         SourceKind::File => Box::new(crate::source::file::FileSource::new(
-            cfg.source.file.path.clone().context("source.file.path: required")?,
+            cfg.source
+                .file
+                .path
+                .clone()
+                .context("source.file.path: required")?,
         )),
         SourceKind::Kafka => crate::source::kafka::build_source(&cfg.kafka, metrics)?,
     })
 }
 
 /// Build the configured dead-letter sink.
-pub fn build_dead_letters(
-    cfg: &Config,
-    metrics: Arc<Metrics>,
-) -> Result<Box<dyn DeadLetterSink>> {
+pub fn build_dead_letters(cfg: &Config, metrics: Arc<Metrics>) -> Result<Box<dyn DeadLetterSink>> {
     if cfg.source.kind == SourceKind::Kafka && !cfg.kafka.dead_letter_topic.is_empty() {
         return crate::source::kafka::build_dead_letters(&cfg.kafka, metrics);
     }
@@ -224,12 +225,12 @@ pub async fn run_with(
     let mut last_snapshot_step = learner.step_count();
     let mut eval = EvalReport::default();
 
-    let consumed_limit_reached =
-        |seen: u64| -> bool { max_events > 0 && seen >= max_events };
+    let consumed_limit_reached = |seen: u64| -> bool { max_events > 0 && seen >= max_events };
 
     loop {
         // 1. Train while a full batch is ready (or flush the remainder at the end).
-        let finishing = source_done || consumed_limit_reached(events_seen) || shutdown.is_cancelled();
+        let finishing =
+            source_done || consumed_limit_reached(events_seen) || shutdown.is_cancelled();
         while buffer.len() >= batch_size
             || (finishing && !shutdown.is_cancelled() && !buffer.is_empty())
         {
@@ -248,9 +249,14 @@ pub async fn run_with(
             if learner.step_count() >= last_snapshot_step + cfg.snapshot.every_steps {
                 eval = evaluate(&learner, &mut holdout, &metrics).await?;
                 let info = snapshot(
-                    &cfg, &learner, &mut pending, &tracker, &buffer, events_seen_covered(
-                        events_seen, &buffer),
-                    &mut parent, &metrics,
+                    &cfg,
+                    &learner,
+                    &mut pending,
+                    &tracker,
+                    &buffer,
+                    events_seen_covered(events_seen, &buffer),
+                    &mut parent,
+                    &metrics,
                 )?;
                 source.commit(&info.manifest.offsets).await?;
                 summary.snapshots_written += 1;
@@ -302,17 +308,25 @@ pub async fn run_with(
                 );
                 // Make what was trained durable and committed before letting go.
                 let info = snapshot(
-                    &cfg, &learner, &mut pending, &tracker, &buffer,
-                    events_seen_covered(events_seen, &buffer), &mut parent, &metrics,
+                    &cfg,
+                    &learner,
+                    &mut pending,
+                    &tracker,
+                    &buffer,
+                    events_seen_covered(events_seen, &buffer),
+                    &mut parent,
+                    &metrics,
                 )?;
                 source.commit(&info.manifest.offsets).await?;
                 summary.snapshots_written += 1;
                 summary.last_snapshot = Some(info.path);
                 last_snapshot_step = learner.step_count();
                 tracker.forget(&partitions);
-                pending
-                    .events
-                    .retain(|e| !partitions.iter().any(|(s, p)| *s == e.stream && *p == e.partition));
+                pending.events.retain(|e| {
+                    !partitions
+                        .iter()
+                        .any(|(s, p)| *s == e.stream && *p == e.partition)
+                });
                 if let Some(ack) = ack {
                     let _ = ack.send(());
                 }
@@ -320,7 +334,11 @@ pub async fn run_with(
             Some(SourceItem::Record(rec)) => {
                 events_seen += 1;
                 summary.consumed += 1;
-                let topic: &str = if source_kind == "kafka" { &rec.position.stream } else { source_kind };
+                let topic: &str = if source_kind == "kafka" {
+                    &rec.position.stream
+                } else {
+                    source_kind
+                };
                 metrics
                     .events_consumed
                     .with_label_values(&[source_kind, topic])
@@ -329,7 +347,10 @@ pub async fn run_with(
                 match decode_event(&rec.payload, &rec.position.fallback_id()) {
                     Ok(ev) => {
                         summary.valid += 1;
-                        metrics.events_valid.with_label_values(&[source_kind, topic]).inc();
+                        metrics
+                            .events_valid
+                            .with_label_values(&[source_kind, topic])
+                            .inc();
                         if crate::util::is_holdout(&ev.event_id, cfg.run.holdout_fraction) {
                             summary.held_out += 1;
                             metrics.events_held_out.inc();
@@ -391,8 +412,14 @@ pub async fn run_with(
     if need_final {
         dead.flush().await?;
         let info = snapshot(
-            &cfg, &learner, &mut pending, &tracker, &buffer,
-            events_seen_covered(events_seen, &buffer), &mut parent, &metrics,
+            &cfg,
+            &learner,
+            &mut pending,
+            &tracker,
+            &buffer,
+            events_seen_covered(events_seen, &buffer),
+            &mut parent,
+            &metrics,
         )?;
         source.commit(&info.manifest.offsets).await?;
         summary.snapshots_written += 1;
@@ -483,8 +510,9 @@ fn snapshot(
     let offsets = tracker.covered(buffer.positions());
     // Only account for records below the covered offsets; the rest are re-read on resume
     // and so belong to a later snapshot.
-    let (now, later): (Vec<EventRecord>, Vec<EventRecord>) =
-        std::mem::take(&mut pending.events).into_iter().partition(|e| {
+    let (now, later): (Vec<EventRecord>, Vec<EventRecord>) = std::mem::take(&mut pending.events)
+        .into_iter()
+        .partition(|e| {
             offsets
                 .get(&e.stream, e.partition)
                 .is_none_or(|next| e.offset < next)

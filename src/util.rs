@@ -83,10 +83,8 @@ pub fn safetensors_bytes(tensors: &[(String, candle_core::Tensor)]) -> Result<Ve
         .collect::<Result<_>>()?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let bytes = safetensors::tensor::serialize(
-        owned.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(meta),
-    )?;
+    let bytes =
+        safetensors::tensor::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))?;
     Ok(bytes)
 }
 

@@ -1,22 +1,24 @@
 //! `spoke bench ...`: benchmarks and the SPO paper's synthetic experiment.
 
+pub mod ingest;
+pub mod step;
+pub mod synthetic;
+
 /// `spoke bench` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCommand {
     /// The SPO paper's synthetic experiment (MLP policy, shifted-logistic-mixture link).
-    Synthetic(SyntheticBenchArgs),
-}
-
-/// Arguments of `spoke bench synthetic`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SyntheticBenchArgs {
-    /// Output directory.
-    #[arg(long, default_value = "bench-out")]
-    pub out: std::path::PathBuf,
+    Synthetic(synthetic::SyntheticBenchArgs),
+    /// Trained tokens per second of one DPO step of a small Llama (candle, CPU).
+    Step(step::StepBenchArgs),
+    /// Ingest throughput from Kafka into Arrow batches (learner disconnected).
+    Ingest(ingest::IngestBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Synthetic(_) => anyhow::bail!("not implemented yet"),
+        BenchCommand::Synthetic(a) => synthetic::run(a),
+        BenchCommand::Step(a) => step::run(a),
+        BenchCommand::Ingest(a) => ingest::run(a),
     }
 }

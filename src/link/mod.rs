@@ -36,6 +36,21 @@ pub struct Drift {
     pub b: f64,
 }
 
+/// The learned link on a grid, for `link.parquet` and dashboards.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LinkCurve {
+    /// Index values (original, unstandardised units).
+    pub t: Vec<f64>,
+    /// Ψ̂(t).
+    pub psi: Vec<f64>,
+    /// dΨ̂/dt.
+    pub dpsi: Vec<f64>,
+    /// Discounted mass of observations in the bin around each point.
+    pub mass: Vec<f64>,
+    /// Best-fitting logistic σ(a t + b) at the same points.
+    pub logistic: Vec<f64>,
+}
+
 /// Streaming monotone link estimate.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RecursiveLink {
@@ -59,6 +74,10 @@ impl RecursiveLink {
     /// Drift from the best-fitting logistic link.
     pub fn drift(&self) -> Drift {
         Drift::default()
+    }
+    /// The curve on its bin grid.
+    pub fn curve(&self) -> LinkCurve {
+        LinkCurve::default()
     }
     /// Effective (discounted) number of observations.
     pub fn mass(&self) -> f64 {

@@ -36,7 +36,12 @@ pub fn run(data_dir: &std::path::Path, cmd: SnapshotCommand) -> Result<()> {
         SnapshotCommand::Verify { id } => {
             let dir = resolve(data_dir, &id);
             let m = super::verify(&dir)?;
-            println!("{}: ok ({} files, step {})", dir.display(), m.files.len(), m.step);
+            println!(
+                "{}: ok ({} files, step {})",
+                dir.display(),
+                m.files.len(),
+                m.step
+            );
             Ok(())
         }
     }

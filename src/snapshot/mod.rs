@@ -5,8 +5,8 @@
 //! every file fsynced, then renamed into place and the parent directory fsynced; the
 //! `manifest.json` (written last) carries the sha256 of every other file.
 
-pub mod parquet_io;
 pub mod cli;
+pub mod parquet_io;
 pub mod resume;
 
 use crate::model::WeightExport;
@@ -124,8 +124,7 @@ pub fn snapshots_dir(data_dir: &Path) -> PathBuf {
 /// Write one snapshot durably and atomically. Returns once it is on disk.
 pub fn write_snapshot(data_dir: &Path, content: SnapshotContent) -> Result<SnapshotInfo> {
     let root = snapshots_dir(data_dir);
-    std::fs::create_dir_all(&root)
-        .with_context(|| format!("creating {}", root.display()))?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let id_seed = format!(
         "{}/{}/{}/{}",
         content.step,
@@ -154,14 +153,26 @@ pub fn write_snapshot(data_dir: &Path, content: SnapshotContent) -> Result<Snaps
     for (fname, bytes) in &content.weights.side_files {
         put(fname, bytes)?;
     }
-    put("optimizer.safetensors", &safetensors_bytes(&content.optimizer)?)?;
+    put(
+        "optimizer.safetensors",
+        &safetensors_bytes(&content.optimizer)?,
+    )?;
     let state = serde_json::json!({
         "optimizer_step": content.optimizer_step,
         "learner": content.learner_state,
     });
-    put("state.json", serde_json::to_string_pretty(&state)?.as_bytes())?;
-    put("metrics.parquet", &parquet_io::steps_parquet(&content.metrics)?)?;
-    put("events.parquet", &parquet_io::events_parquet(&content.events)?)?;
+    put(
+        "state.json",
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
+    put(
+        "metrics.parquet",
+        &parquet_io::steps_parquet(&content.metrics)?,
+    )?;
+    put(
+        "events.parquet",
+        &parquet_io::events_parquet(&content.events)?,
+    )?;
 
     let manifest = Manifest {
         format_version: FORMAT_VERSION,

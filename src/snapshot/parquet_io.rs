@@ -52,7 +52,9 @@ pub fn steps_parquet(rows: &[StepRecord]) -> Result<Vec<u8>> {
     let cols: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.step))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.time_ms))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.objective.as_str()))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.objective.as_str()),
+        )),
         f(|r| r.loss),
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.pairs))),
         f(|r| r.grad_norm),
@@ -62,7 +64,9 @@ pub fn steps_parquet(rows: &[StepRecord]) -> Result<Vec<u8>> {
         f(|r| r.step_seconds),
         f(|r| r.link_drift_sup),
         f(|r| r.link_drift_l2),
-        Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.applied)))),
+        Arc::new(BooleanArray::from_iter(
+            rows.iter().map(|r| Some(r.applied)),
+        )),
     ];
     batch_to_parquet(&RecordBatch::try_new(schema, cols)?)
 }
@@ -78,13 +82,23 @@ pub fn events_parquet(rows: &[EventRecord]) -> Result<Vec<u8>> {
         Field::new("weight", DataType::Float64, false),
     ]));
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.event_id.as_str()))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.stream.as_str()))),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.event_id.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.stream.as_str()),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.partition),
+        )),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.role.as_str()))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.role.as_str()),
+        )),
         Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.step))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.weight))),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.weight),
+        )),
     ];
     batch_to_parquet(&RecordBatch::try_new(schema, cols)?)
 }

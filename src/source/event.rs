@@ -87,8 +87,8 @@ pub fn decode_event(bytes: &[u8], fallback_id: &str) -> Result<PreferenceEvent, 
     let payload = strip_confluent_header(bytes)?;
     let text = std::str::from_utf8(payload)
         .map_err(|e| DecodeError::new(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| DecodeError::new(format!("invalid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| DecodeError::new(format!("invalid JSON: {e}")))?;
     let obj = match value {
         Value::Object(m) => m,
         other => {
@@ -171,7 +171,10 @@ fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-fn from_object(obj: &Map<String, Value>, fallback_id: &str) -> Result<PreferenceEvent, DecodeError> {
+fn from_object(
+    obj: &Map<String, Value>,
+    fallback_id: &str,
+) -> Result<PreferenceEvent, DecodeError> {
     let trl = obj.contains_key("chosen") || obj.contains_key("rejected");
     let event_id = match obj.get("event_id") {
         None | Some(Value::Null) if trl => fallback_id.to_string(),
@@ -291,7 +294,9 @@ mod tests {
 
     #[test]
     fn valid_full_event() {
-        let e = ok(r#"{"event_id":"a","ts":"2026-01-02T03:04:05Z","prompt":"p","response_0":"x","response_1":"y","label":1,"weight":0.5,"annotator":"u","policy_version":"v3","ref_logp_0":-3.5,"ref_logp_1":-2}"#);
+        let e = ok(
+            r#"{"event_id":"a","ts":"2026-01-02T03:04:05Z","prompt":"p","response_0":"x","response_1":"y","label":1,"weight":0.5,"annotator":"u","policy_version":"v3","ref_logp_0":-3.5,"ref_logp_1":-2}"#,
+        );
         assert_eq!(e.label, 1);
         assert_eq!(e.weight, Some(0.5));
         assert_eq!(e.ref_logp_1, Some(-2.0));
@@ -309,25 +314,35 @@ mod tests {
     #[test]
     fn confluent_framing_is_stripped() {
         let mut b = vec![0u8, 0, 0, 0, 7];
-        b.extend_from_slice(br#"{"event_id":"a","prompt":"p","response_0":"x","response_1":"y","label":0}"#);
+        b.extend_from_slice(
+            br#"{"event_id":"a","prompt":"p","response_0":"x","response_1":"y","label":0}"#,
+        );
         assert_eq!(decode_event(&b, "fb").unwrap().label, 0);
         assert!(err(&[0, 1]).starts_with("confluent"));
     }
 
     #[test]
     fn rejections_name_the_field() {
-        assert!(err(br#"{"event_id":"a","prompt":"p","response_1":"y","label":0}"#)
-            .contains("missing field `response_0`"));
-        assert!(err(br#"{"event_id":"a","prompt":5,"response_0":"x","response_1":"y","label":0}"#)
-            .contains("wrong type for `prompt`"));
-        assert!(err(br#"{"event_id":"a","prompt":"p","response_0":"x","response_1":"y","label":2}"#)
-            .contains("`label`: must be 0 or 1"));
+        assert!(
+            err(br#"{"event_id":"a","prompt":"p","response_1":"y","label":0}"#)
+                .contains("missing field `response_0`")
+        );
+        assert!(
+            err(br#"{"event_id":"a","prompt":5,"response_0":"x","response_1":"y","label":0}"#)
+                .contains("wrong type for `prompt`")
+        );
+        assert!(err(
+            br#"{"event_id":"a","prompt":"p","response_0":"x","response_1":"y","label":2}"#
+        )
+        .contains("`label`: must be 0 or 1"));
         assert!(err(br#"{"event_id":"a","prompt":"p","response_0":"x","response_1":"y","label":1,"weight":-1}"#)
             .contains("`weight`"));
         assert!(err(br#"{"event_id":"a","prompt":"p","response_0":"x","response_1":"y","label":1,"weight":"NaN"}"#)
             .contains("`weight`"));
-        assert!(err(br#"{"event_id":"a","prompt":" ","response_0":"x","response_1":"y","label":1}"#)
-            .contains("empty field `prompt`"));
+        assert!(err(
+            br#"{"event_id":"a","prompt":" ","response_0":"x","response_1":"y","label":1}"#
+        )
+        .contains("empty field `prompt`"));
         assert!(err(b"{\"event_id\":\"a\",\"prompt\":\"\xff\"}").starts_with("invalid UTF-8"));
         assert!(err(b"[1,2]").starts_with("not a JSON object"));
         assert!(err(b"{oops").starts_with("invalid JSON"));

@@ -36,7 +36,10 @@ use crate::metrics::Metrics;
 use std::sync::Arc;
 
 /// Build the Kafka consumer-group source.
-pub fn build_source(_cfg: &KafkaConfig, _metrics: Arc<Metrics>) -> anyhow::Result<Box<dyn super::Source>> {
+pub fn build_source(
+    _cfg: &KafkaConfig,
+    _metrics: Arc<Metrics>,
+) -> anyhow::Result<Box<dyn super::Source>> {
     anyhow::bail!("the Kafka source is not implemented yet")
 }
 

@@ -170,7 +170,9 @@ impl DeadLetterSink for FileDeadLetters {
             partition: record.position.partition,
             offset: record.position.offset,
             payload_hex: hex::encode(&record.payload),
-            payload: std::str::from_utf8(&record.payload).ok().map(str::to_string),
+            payload: std::str::from_utf8(&record.payload)
+                .ok()
+                .map(str::to_string),
             at: chrono::Utc::now().to_rfc3339(),
         };
         let mut s = serde_json::to_string(&line)?;

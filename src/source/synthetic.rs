@@ -49,10 +49,16 @@ impl Default for SyntheticConfig {
 impl SyntheticConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.tau > 0.0 && self.tau.is_finite()) {
-            return Err(format!("source.synthetic.tau: must be > 0, got {}", self.tau));
+            return Err(format!(
+                "source.synthetic.tau: must be > 0, got {}",
+                self.tau
+            ));
         }
         if !self.shift.is_finite() || self.shift < 0.0 {
-            return Err(format!("source.synthetic.shift: must be >= 0, got {}", self.shift));
+            return Err(format!(
+                "source.synthetic.shift: must be >= 0, got {}",
+                self.shift
+            ));
         }
         if self.min_words == 0 || self.min_words > self.max_words {
             return Err(format!(
@@ -75,7 +81,15 @@ const GOOD: &[&str] = &[
     "concise",
 ];
 const BAD: &[&str] = &[
-    "rude", "wrong", "vague", "harmful", "useless", "lazy", "spam", "confusing", "sloppy",
+    "rude",
+    "wrong",
+    "vague",
+    "harmful",
+    "useless",
+    "lazy",
+    "spam",
+    "confusing",
+    "sloppy",
     "evasive",
 ];
 const NEUTRAL: &[&str] = &[
@@ -83,8 +97,18 @@ const NEUTRAL: &[&str] = &[
     "to", "so", "here", "that", "with", "for", "on",
 ];
 const TOPICS: &[&str] = &[
-    "rust", "kafka", "gardening", "tea", "chess", "rivers", "music", "bread", "stars", "maps",
-    "bikes", "tides",
+    "rust",
+    "kafka",
+    "gardening",
+    "tea",
+    "chess",
+    "rivers",
+    "music",
+    "bread",
+    "stars",
+    "maps",
+    "bikes",
+    "tides",
 ];
 
 fn sigmoid(x: f64) -> f64 {
@@ -232,7 +256,11 @@ pub struct SyntheticSource {
 
 impl SyntheticSource {
     pub fn new(cfg: SyntheticConfig, count: Option<u64>) -> Self {
-        Self { cfg, next: 0, count }
+        Self {
+            cfg,
+            next: 0,
+            count,
+        }
     }
     /// Name of the stream in positions and offsets.
     pub const STREAM: &'static str = "synthetic";
