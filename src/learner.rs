@@ -273,7 +273,6 @@ impl Learner {
         let v = BatchView::new(batch)?;
         let n = v.len();
         anyhow::ensure!(n > 0, "empty batch");
-        let dev = self.policy.device().clone();
         let t = self.index_of(&v, true)?;
         let z: Vec<f32> = (0..n).map(|i| v.label.value(i) as f32).collect();
         let w: Vec<f32> = (0..n).map(|i| v.weight.value(i) as f32).collect();
