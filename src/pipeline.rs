@@ -7,7 +7,8 @@ use crate::buffer::EventBuffer;
 use crate::config::{Config, SourceKind};
 use crate::learner::{EvalReport, Learner, StepReport};
 use crate::metrics::Metrics;
-use crate::snapshot::{EventRecord, SnapshotContent, SnapshotInfo, StepRecord};
+use crate::snapshot::writer::BackgroundWriter;
+use crate::snapshot::{Evaluation, EventRecord, SnapshotContent, SnapshotInfo, StepRecord};
 use crate::source::{
     decode_event, DeadLetterSink, FileDeadLetters, Offsets, Position, PreferenceEvent, Source,
     SourceItem,
@@ -208,6 +209,14 @@ pub async fn run_with(
         }
     }
     source.start(&resume_offsets).await?;
+    let mut writer = BackgroundWriter::with_promotion(
+        &data_dir,
+        cfg.snapshot.clone(),
+        Some(cfg.promote.clone()),
+    )?;
+    if let Some(r) = &summary.resumed_from {
+        writer.protect(r);
+    }
 
     let max_events = cfg.run.max_events;
     let batch_size = cfg.run.batch_size;
@@ -228,6 +237,8 @@ pub async fn run_with(
     let consumed_limit_reached = |seen: u64| -> bool { max_events > 0 && seen >= max_events };
 
     loop {
+        let done = writer.try_completed();
+        completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
         // 1. Train while a full batch is ready (or flush the remainder at the end).
         let finishing =
             source_done || consumed_limit_reached(events_seen) || shutdown.is_cancelled();
@@ -248,20 +259,20 @@ pub async fn run_with(
             last_report = Some(rep.record);
             if learner.step_count() >= last_snapshot_step + cfg.snapshot.every_steps {
                 eval = evaluate(&learner, &mut holdout, &metrics).await?;
-                let info = snapshot(
+                snapshot(
                     &cfg,
                     &learner,
                     &mut pending,
                     &tracker,
                     &buffer,
                     events_seen_covered(events_seen, &buffer),
-                    &mut parent,
-                    &metrics,
+                    &parent,
+                    Some(&eval),
+                    &mut writer,
                 )?;
-                source.commit(&info.manifest.offsets).await?;
-                summary.snapshots_written += 1;
-                summary.last_snapshot = Some(info.path.clone());
                 last_snapshot_step = learner.step_count();
+                let done = writer.try_completed();
+                completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
                 if opts.progress {
                     eprintln!(
                         "step {:>6}  events {:>8}  loss {:.4}  held-out acc {:.3}  drift {:.3}  snapshot {}",
@@ -270,7 +281,12 @@ pub async fn run_with(
                         last_report.as_ref().map(|r| r.loss).unwrap_or(f64::NAN),
                         eval.accuracy,
                         learner.link().drift().sup,
-                        info.name
+                        summary
+                            .last_snapshot
+                            .as_ref()
+                            .and_then(|p| p.file_name())
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_else(|| "(writing)".into())
                     );
                 }
             }
@@ -307,19 +323,19 @@ pub async fn run_with(
                     partitions
                 );
                 // Make what was trained durable and committed before letting go.
-                let info = snapshot(
+                snapshot(
                     &cfg,
                     &learner,
                     &mut pending,
                     &tracker,
                     &buffer,
                     events_seen_covered(events_seen, &buffer),
-                    &mut parent,
-                    &metrics,
+                    &parent,
+                    None,
+                    &mut writer,
                 )?;
-                source.commit(&info.manifest.offsets).await?;
-                summary.snapshots_written += 1;
-                summary.last_snapshot = Some(info.path);
+                let done = writer.wait_idle().await;
+                completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
                 last_snapshot_step = learner.step_count();
                 tracker.forget(&partitions);
                 pending.events.retain(|e| {
@@ -408,23 +424,23 @@ pub async fn run_with(
     };
     let need_final = learner.step_count() > last_snapshot_step
         || !pending.events.is_empty()
-        || summary.snapshots_written == 0;
+        || (summary.snapshots_written == 0 && writer.outstanding() == 0);
     if need_final {
         dead.flush().await?;
-        let info = snapshot(
+        snapshot(
             &cfg,
             &learner,
             &mut pending,
             &tracker,
             &buffer,
             events_seen_covered(events_seen, &buffer),
-            &mut parent,
-            &metrics,
+            &parent,
+            (eval.n > 0).then_some(&eval),
+            &mut writer,
         )?;
-        source.commit(&info.manifest.offsets).await?;
-        summary.snapshots_written += 1;
-        summary.last_snapshot = Some(info.path);
     }
+    let done = writer.wait_idle().await;
+    completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
     dead.flush().await?;
     source.close().await?;
     let drift = learner.link().drift();
@@ -495,6 +511,33 @@ async fn evaluate(
     Ok(rep)
 }
 
+/// Commit the offsets of snapshots whose background write has completed (in order).
+async fn completed(
+    done: Vec<Result<SnapshotInfo>>,
+    writer: &mut BackgroundWriter,
+    source: &mut dyn Source,
+    summary: &mut Summary,
+    metrics: &Metrics,
+) -> Result<()> {
+    for secs in writer.take_write_seconds() {
+        metrics.snapshot_write_seconds.observe(secs);
+    }
+    for r in done {
+        let info = r.context("writing a snapshot")?;
+        source.commit(&info.manifest.offsets).await?;
+        metrics.snapshots_written.inc();
+        metrics.snapshot_last_step.set(info.manifest.step as i64);
+        if info.promoted.is_some() {
+            metrics.promotions.inc();
+        }
+        summary.snapshots_written += 1;
+        summary.last_snapshot = Some(info.path);
+    }
+    Ok(())
+}
+
+/// Copy the learner's state out and hand it to the background writer; offsets are committed
+/// by [`completed`] once the write is durable.
 #[allow(clippy::too_many_arguments)]
 fn snapshot(
     cfg: &Config,
@@ -503,10 +546,10 @@ fn snapshot(
     tracker: &OffsetTracker,
     buffer: &EventBuffer,
     events_seen: u64,
-    parent: &mut Option<String>,
-    metrics: &Metrics,
-) -> Result<SnapshotInfo> {
-    let t0 = Instant::now();
+    parent: &Option<String>,
+    eval: Option<&EvalReport>,
+    writer: &mut BackgroundWriter,
+) -> Result<()> {
     let offsets = tracker.covered(buffer.positions());
     // Only account for records below the covered offsets; the rest are re-read on resume
     // and so belong to a later snapshot.
@@ -532,15 +575,10 @@ fn snapshot(
         offsets,
         metrics: std::mem::take(&mut pending.metrics),
         events: now,
+        link_curve: learner.link().curve(),
+        eval: eval.map(|e| Evaluation::from_report(e, None)),
     };
-    let info = crate::snapshot::write_snapshot(&cfg.run.data_dir, content)?;
-    metrics.snapshots_written.inc();
-    metrics
-        .snapshot_write_seconds
-        .observe(t0.elapsed().as_secs_f64());
-    metrics.snapshot_last_step.set(info.manifest.step as i64);
-    *parent = Some(info.name.clone());
-    Ok(info)
+    writer.submit(content)
 }
 
 /// Run with the configured source and sink, serving metrics while it runs.
