@@ -42,7 +42,7 @@ impl OptimConfig {
                 return Err(format!("{k}: must be in [0, 1), got {v}"));
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return Err(format!("optim.eps: must be > 0, got {}", self.eps));
         }
         if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
