@@ -8,7 +8,7 @@ use crate::config::{Config, SourceKind};
 use crate::learner::{EvalReport, Learner, StepReport};
 use crate::metrics::Metrics;
 use crate::snapshot::writer::BackgroundWriter;
-use crate::snapshot::{EventRecord, Evaluation, SnapshotContent, SnapshotInfo, StepRecord};
+use crate::snapshot::{Evaluation, EventRecord, SnapshotContent, SnapshotInfo, StepRecord};
 use crate::source::{
     decode_event, DeadLetterSink, FileDeadLetters, Offsets, Position, PreferenceEvent, Source,
     SourceItem,
