@@ -5,6 +5,7 @@
 //! and finally a restarted run finishes normally.
 
 use spoke::snapshot::{list, snapshots_dir, verify};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,14 +37,19 @@ fn start(data: &Path, max_events: u64) -> Child {
         .expect("spawning spoke")
 }
 
-fn tmp_dirs(data: &Path) -> usize {
+fn tmp_names(data: &Path) -> BTreeSet<String> {
     std::fs::read_dir(snapshots_dir(data))
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-                .count()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(".tmp-"))
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+fn tmp_dirs(data: &Path) -> usize {
+    tmp_names(data).len()
 }
 
 fn snapshot_count(data: &Path) -> usize {
@@ -110,7 +116,11 @@ fn kill_9_never_leaves_a_torn_snapshot() {
         let before = snapshot_count(&data);
         match moment {
             0 => {
-                if wait_for(&mut child, 60, || tmp_dirs(&data) > 0) {
+                // A temporary directory this run is writing (not one left by the last kill).
+                let stale = tmp_names(&data);
+                if wait_for(&mut child, 60, || {
+                    tmp_names(&data).difference(&stale).next().is_some()
+                }) {
                     during_write += 1;
                 }
             }
@@ -138,6 +148,12 @@ fn kill_9_never_leaves_a_torn_snapshot() {
             }
         }
         newest = all_verify(&data, &when).or(newest);
+        eprintln!(
+            "{when}: {} snapshots, newest {newest:?}, {} tmp, resumed from {:?}",
+            snapshot_count(&data),
+            tmp_dirs(&data),
+            resumed_from(&stderr)
+        );
     }
     assert!(
         during_write >= 2,

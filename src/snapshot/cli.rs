@@ -37,6 +37,9 @@ pub enum SnapshotCommand {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Benchmark: learner step time with no / background / synchronous snapshot writes
+    /// (uses <data-dir> for the model and the snapshots).
+    Bench(super::bench::SnapshotBenchArgs),
 }
 
 /// Resolve an ID: a snapshot directory path, or a name under the data directory; `promoted`
@@ -163,6 +166,24 @@ pub fn run(data_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
                     .map(|p| format!(", previously {p}"))
                     .unwrap_or_default()
             );
+            Ok(())
+        }
+        SnapshotCommand::Bench(a) => {
+            let stats = tokio::task::block_in_place(|| super::bench::run(data_dir, &a))?;
+            let base = stats[0].p99_ms;
+            for s in &stats {
+                println!(
+                    "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2}x | {} | {:.1} |",
+                    s.mode,
+                    s.steps,
+                    s.p50_ms,
+                    s.p99_ms,
+                    s.max_ms,
+                    s.p99_ms / base,
+                    s.snapshots,
+                    s.mean_write_ms
+                );
+            }
             Ok(())
         }
         SnapshotCommand::Export { id, to } => {

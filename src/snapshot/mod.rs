@@ -5,6 +5,7 @@
 //! every file fsynced, then renamed into place and the parent directory fsynced; the
 //! `manifest.json` (written last) carries the sha256 of every other file.
 
+pub mod bench;
 pub mod cli;
 pub mod parquet_io;
 pub mod resume;
