@@ -251,8 +251,8 @@ impl Batch {
                 }
                 ids[bi * l + t] = *id;
             }
-            for i in 0..l {
-                for j in 0..=i.min(len.saturating_sub(1)) {
+            for i in 0..len {
+                for j in 0..=i {
                     if let Some(w) = cfg.sliding_window {
                         if i - j >= w {
                             continue;
@@ -260,6 +260,11 @@ impl Batch {
                     }
                     mask[(bi * l + i) * l + j] = 0.0;
                 }
+            }
+            // Padding queries are never read; let them attend to the first token so that no
+            // softmax row is empty (an all -inf row would give NaN, also in the backward pass).
+            for i in len..l {
+                mask[(bi * l + i) * l] = 0.0;
             }
             let k = s.n_scored.min(len.saturating_sub(1));
             for p in len - k..len {
