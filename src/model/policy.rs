@@ -186,6 +186,21 @@ impl LmPolicy {
     /// Load `dir` per `cfg` (train mode, LoRA config, device, dtype, truncation). With
     /// `adapter`, a PEFT adapter directory is loaded as the (trainable) LoRA adapters.
     pub fn load(dir: &Path, cfg: &ModelConfig, adapter: Option<&Path>) -> Result<Self> {
+        Self::load_inner(dir, cfg, adapter, false)
+    }
+
+    /// Load for inference only (`spoke score`): no trainable copy of the base weights; the
+    /// reference shares them. With `adapter`, the PEFT adapter is applied.
+    pub fn load_frozen(dir: &Path, cfg: &ModelConfig, adapter: Option<&Path>) -> Result<Self> {
+        Self::load_inner(dir, cfg, adapter, true)
+    }
+
+    fn load_inner(
+        dir: &Path,
+        cfg: &ModelConfig,
+        adapter: Option<&Path>,
+        frozen: bool,
+    ) -> Result<Self> {
         let device = parse_device(&cfg.device)?;
         let dtype = parse_dtype(&cfg.dtype)?;
         let hf = HfModel::load(dir, &device, dtype)?;
@@ -199,6 +214,15 @@ impl LmPolicy {
         } = hf;
         let seed = cfg.tiny.seed;
         let (weights, reference, vars, lora) = match (adapter, cfg.train) {
+            (None, _) if frozen => {
+                let weights = Weights::build(&lcfg, &mut |n| {
+                    tensors
+                        .get(n)
+                        .cloned()
+                        .with_context(|| format!("missing tensor {n}"))
+                })?;
+                (weights.clone(), weights, vec![], None)
+            }
             (None, TrainMode::Full) => {
                 let mut vars = Vec::new();
                 let mut by_name = HashMap::new();
