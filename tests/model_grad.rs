@@ -205,6 +205,8 @@ fn dpo_loss_falls_full_and_lora() {
     let dir = make_model(root.path(), "llama", false);
     for (mode, lr) in [(TrainMode::Full, 1e-2), (TrainMode::Lora, 2e-2)] {
         let p = load(&dir, mode, 0.0);
+        let kl0 = p.kl_estimate(&PROMPTS, 8, 1).unwrap();
+        assert_eq!(kl0, 0.0, "policy == reference at start");
         let l = train_losses(&p, lr, 40);
         eprintln!("{mode:?}: {:?}", l);
         assert!(
@@ -222,6 +224,11 @@ fn dpo_loss_falls_full_and_lora() {
         let a = p.ref_logps(&PROMPTS, &CHOSEN).unwrap();
         let b = fresh.ref_logps(&PROMPTS, &CHOSEN).unwrap();
         assert_eq!(a, b);
+        // KL(π‖π_ref) by sampling: positive after training, deterministic in the seed.
+        let many: Vec<&str> = PROMPTS.iter().cycle().take(16).copied().collect();
+        let kl = p.kl_estimate(&many, 12, 7).unwrap();
+        assert!(kl.is_finite() && kl > 0.0, "{mode:?}: kl {kl}");
+        assert_eq!(kl, p.kl_estimate(&many, 12, 7).unwrap());
         let c = p.score(&PROMPTS, &CHOSEN, false).unwrap().0;
         assert!(c.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
     }

@@ -183,6 +183,36 @@ impl Weights {
         })
     }
 
+    /// The same storage without gradient tracking (for sampling and evaluation).
+    pub fn detached(&self) -> Self {
+        let lin = |l: &Linear| Linear {
+            w: l.w.detach(),
+            b: l.b.as_ref().map(|b| b.detach()),
+        };
+        Self {
+            embed: self.embed.detach(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    input_norm: l.input_norm.detach(),
+                    post_norm: l.post_norm.detach(),
+                    proj: [
+                        lin(&l.proj[0]),
+                        lin(&l.proj[1]),
+                        lin(&l.proj[2]),
+                        lin(&l.proj[3]),
+                        lin(&l.proj[4]),
+                        lin(&l.proj[5]),
+                        lin(&l.proj[6]),
+                    ],
+                })
+                .collect(),
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.as_ref().map(|t| t.detach()),
+        }
+    }
+
     fn lm_head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }

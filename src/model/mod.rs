@@ -143,6 +143,13 @@ pub trait Policy: Send {
     fn load_trainable(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
     /// One line for logs.
     fn describe(&self) -> String;
+    /// Monte-Carlo estimate of KL(π‖π_ref) on `prompts`: sample a response of at most
+    /// `max_new_tokens` tokens for each prompt from the policy (ancestral sampling, seeded,
+    /// no gradient) and return the mean of log π(y|x) − log π_ref(y|x) (the k1 estimator).
+    fn kl_estimate(&self, prompts: &[&str], max_new_tokens: usize, seed: u64) -> Result<f64> {
+        let _ = (prompts, max_new_tokens, seed);
+        anyhow::bail!("kl_estimate is not supported by {}", self.describe())
+    }
 }
 
 /// Build the configured policy (the embedded tiny model by default).

@@ -361,6 +361,74 @@ impl LmPolicy {
         Ok((t.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?, n))
     }
 
+    /// Ancestral sampling from the policy (temperature 1, no gradient, seeded): for each
+    /// prompt, the prompt ids followed by up to `max_new_tokens` sampled ids (stopping after
+    /// EOS), with the number of sampled ids.
+    pub fn sample(
+        &self,
+        prompts: &[&str],
+        max_new_tokens: usize,
+        seed: u64,
+    ) -> Result<Vec<(Vec<u32>, usize)>> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut seqs: Vec<(Vec<u32>, usize, bool)> = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let mut ids = self.encode_pair(p, "")?.ids;
+            if ids.is_empty() {
+                ids.push(self.cfg.bos_token_id.unwrap_or(0));
+            }
+            seqs.push((ids, 0, false));
+        }
+        let weights = self.weights.detached();
+        let ctx = Ctx {
+            lora: self.lora.as_ref(),
+            train: false,
+        };
+        for _ in 0..max_new_tokens {
+            let active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].2).collect();
+            if active.is_empty() {
+                break;
+            }
+            let batch_seqs: Vec<Seq> = active
+                .iter()
+                .map(|&i| Seq {
+                    ids: seqs[i].0.clone(),
+                    n_scored: 0,
+                })
+                .collect();
+            let batch = Batch::new(&self.cfg, &batch_seqs, &self.device)?;
+            let h = super::llama::hidden_states(&self.cfg, &weights, &batch, &ctx)?.detach();
+            let rows: Vec<u32> = batch_seqs
+                .iter()
+                .enumerate()
+                .map(|(b, s)| (b * batch.l + s.ids.len() - 1) as u32)
+                .collect();
+            let rows = Tensor::from_vec(rows, active.len(), &self.device)?;
+            let logits = super::llama::logits_of(&self.cfg, &weights, &h.index_select(&rows, 0)?)?;
+            let probs = super::llama::softmax_last(&logits)?.to_vec2::<f32>()?;
+            for (k, &i) in active.iter().enumerate() {
+                let u: f32 = rng.random();
+                let mut acc = 0f32;
+                let mut tok = probs[k].len() - 1;
+                for (t, p) in probs[k].iter().enumerate() {
+                    acc += p;
+                    if u < acc {
+                        tok = t;
+                        break;
+                    }
+                }
+                let s = &mut seqs[i];
+                s.0.push(tok as u32);
+                s.1 += 1;
+                if Some(tok as u32) == self.cfg.eos_token_id {
+                    s.2 = true;
+                }
+            }
+        }
+        Ok(seqs.into_iter().map(|(ids, n, _)| (ids, n)).collect())
+    }
+
     /// Number of weights in the base model.
     pub fn num_params(&self) -> usize {
         param_specs(&self.cfg)
@@ -476,6 +544,23 @@ impl Policy for LmPolicy {
             var.set(&t.to_dtype(var.dtype())?.to_device(&self.device)?)?;
         }
         Ok(())
+    }
+
+    fn kl_estimate(&self, prompts: &[&str], max_new_tokens: usize, seed: u64) -> Result<f64> {
+        if prompts.is_empty() {
+            bail!("kl_estimate needs at least one prompt");
+        }
+        let samples = self.sample(prompts, max_new_tokens, seed)?;
+        let seqs: Vec<Seq> = samples
+            .into_iter()
+            .map(|(ids, n_scored)| Seq { ids, n_scored })
+            .collect();
+        let (pol, _) = self.logps_of_seqs(&seqs, false, false)?;
+        let (refl, _) = self.logps_of_seqs(&seqs, true, false)?;
+        let d = (pol.detach() - refl)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        Ok(d.iter().sum::<f64>() / d.len() as f64)
     }
 
     fn describe(&self) -> String {
