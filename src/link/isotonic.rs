@@ -151,7 +151,10 @@ mod tests {
     #[test]
     fn pava_hand_computed() {
         // [1, 3, 2, 4] with unit weights -> [1, 2.5, 2.5, 4]
-        assert_eq!(pava(&[1.0, 3.0, 2.0, 4.0], &[1.0; 4]), vec![1.0, 2.5, 2.5, 4.0]);
+        assert_eq!(
+            pava(&[1.0, 3.0, 2.0, 4.0], &[1.0; 4]),
+            vec![1.0, 2.5, 2.5, 4.0]
+        );
         // weights: (3·3 + 1·1)/4 = 2.5 then merges with 2 → (10 + 2)/5 = 2.4
         let f = pava(&[3.0, 1.0, 2.0], &[3.0, 1.0, 1.0]);
         for v in &f {

@@ -458,9 +458,15 @@ mod tests {
         let mut mx = RecursiveLink::new(cfg());
         feed(&mut mx, 60_000, 3, &|t| mixture(t, 1.5, 0.25));
         let d1 = mx.drift();
-        assert!((d0.a - 1.3).abs() < 0.15 && (d0.b - 0.2).abs() < 0.1, "{d0:?}");
+        assert!(
+            (d0.a - 1.3).abs() < 0.15 && (d0.b - 0.2).abs() < 0.1,
+            "{d0:?}"
+        );
         assert!(d0.sup < 0.06 && d0.l2 < 0.02, "{d0:?}");
-        assert!(d1.sup > 2.0 * d0.sup && d1.l2 > 3.0 * d0.l2, "{d0:?} {d1:?}");
+        assert!(
+            d1.sup > 2.0 * d0.sup && d1.l2 > 3.0 * d0.l2,
+            "{d0:?} {d1:?}"
+        );
         assert!(d1.sup > 0.1, "{d1:?}");
         let c = mx.curve();
         assert_eq!(c.t.len(), c.psi.len());
@@ -492,8 +498,7 @@ mod tests {
     fn psi_tensor_matches_psi_and_has_gradient() {
         let mut l = RecursiveLink::new(cfg());
         feed(&mut l, 5000, 5, &|t| sigmoid(t));
-        let v = candle_core::Var::new(&[-1.0f64, 0.3, 2.0][..], &candle_core::Device::Cpu)
-            .unwrap();
+        let v = candle_core::Var::new(&[-1.0f64, 0.3, 2.0][..], &candle_core::Device::Cpu).unwrap();
         let y = l.psi_tensor(v.as_tensor()).unwrap();
         let yv = y.to_vec1::<f64>().unwrap();
         for (i, t) in [-1.0, 0.3, 2.0].iter().enumerate() {

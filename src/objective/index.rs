@@ -217,10 +217,16 @@ mod tests {
         }
         // α → 0 approaches KL.
         let d = Divergence::Alpha { alpha: 1e-6 };
-        let t = index(d, &t64(&[-1.0]), &t64(&[-2.0]), &t64(&[-3.0]), &t64(&[-1.0]))
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let t = index(
+            d,
+            &t64(&[-1.0]),
+            &t64(&[-2.0]),
+            &t64(&[-3.0]),
+            &t64(&[-1.0]),
+        )
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
         assert!((t[0] - 3.0).abs() < 1e-4, "{}", t[0]);
     }
 
@@ -252,12 +258,18 @@ mod tests {
                 ap[i] += h;
                 am[i] -= h;
                 let fd = (val(&ap, &b) - val(&am, &b)) / (2.0 * h);
-                assert!((fd - g1[i]).abs() < 1e-5 * (1.0 + fd.abs()), "{d:?} d/dlogp1");
+                assert!(
+                    (fd - g1[i]).abs() < 1e-5 * (1.0 + fd.abs()),
+                    "{d:?} d/dlogp1"
+                );
                 let (mut bp, mut bm) = (b.clone(), b.clone());
                 bp[i] += h;
                 bm[i] -= h;
                 let fd = (val(&a, &bp) - val(&a, &bm)) / (2.0 * h);
-                assert!((fd - g0[i]).abs() < 1e-5 * (1.0 + fd.abs()), "{d:?} d/dlogp0");
+                assert!(
+                    (fd - g0[i]).abs() < 1e-5 * (1.0 + fd.abs()),
+                    "{d:?} d/dlogp0"
+                );
             }
         }
     }

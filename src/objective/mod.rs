@@ -252,7 +252,11 @@ pub fn kernel_link(
     let u = (t.reshape((n, 1))?.broadcast_sub(&tm)? / h)?;
     let mut k = (u.sqr()? * -0.5)?.exp()?;
     if let Some(ex) = exclude {
-        anyhow::ensure!(ex.len() == n, "kernel_link: exclude has {} entries for {n} queries", ex.len());
+        anyhow::ensure!(
+            ex.len() == n,
+            "kernel_link: exclude has {} entries for {n} queries",
+            ex.len()
+        );
         let mut keep = vec![1f64; n * m];
         for (i, &j) in ex.iter().enumerate() {
             if j < m {
@@ -497,7 +501,10 @@ mod tests {
         assert!((l - (sp(-1.0) + sp(2.0)) / 2.0).abs() < 1e-12);
         // β and weights: β = 0.5, z = [1, 0] -> s = [1, 2]; w = [3, 1]
         let mut o = Objective::new(cfg(ObjectiveKind::Dpo, 0.5));
-        let l = scalar(&o.loss(&t, &v(&[1.0, 0.0]), &v(&[3.0, 1.0]), &link, 0).unwrap());
+        let l = scalar(
+            &o.loss(&t, &v(&[1.0, 0.0]), &v(&[3.0, 1.0]), &link, 0)
+                .unwrap(),
+        );
         assert!((l - (3.0 * sp(-0.5) + sp(-1.0)) / 4.0).abs() < 1e-12);
         // RSPO on s = [1, −2]: pairs (1+1), (1−2) twice, (−2−2).
         let mut o = Objective::new(cfg(ObjectiveKind::Rspo, 1.0));
@@ -514,16 +521,25 @@ mod tests {
         let mut c = cfg(ObjectiveKind::Pspo, 1.0);
         c.pspo.mix = 0.0;
         let mut o = Objective::new(c.clone());
-        let l = scalar(&o.loss(&v(&[0.0]), &v(&[1.0]), &v(&[1.0]), &link2, 0).unwrap());
+        let l = scalar(
+            &o.loss(&v(&[0.0]), &v(&[1.0]), &v(&[1.0]), &link2, 0)
+                .unwrap(),
+        );
         assert!((l - 2f64.ln()).abs() < 1e-12);
         // Ψ̂(0.5) = 0.5 + 0.5·(1 − 2eps)/2 ; z = 0
         let p: f64 = 0.5 + 0.25 * (1.0 - 2e-3);
-        let l = scalar(&o.loss(&v(&[0.5]), &v(&[0.0]), &v(&[1.0]), &link2, 0).unwrap());
+        let l = scalar(
+            &o.loss(&v(&[0.5]), &v(&[0.0]), &v(&[1.0]), &link2, 0)
+                .unwrap(),
+        );
         assert!((l + (1.0 - p).ln()).abs() < 1e-12);
         // Warm-up: PSPO is DPO before warmup_steps.
         c.warmup_steps = 5;
         let mut o = Objective::new(c);
-        let l = scalar(&o.loss(&v(&[0.5]), &v(&[0.0]), &v(&[1.0]), &link2, 4).unwrap());
+        let l = scalar(
+            &o.loss(&v(&[0.5]), &v(&[0.0]), &v(&[1.0]), &link2, 4)
+                .unwrap(),
+        );
         assert!((l - sp(0.5)).abs() < 1e-12);
         // OSPO: memory (0, 0), (2, 1); the query t = 1 is equidistant: ĝ = 1/2 (up to 1e-6).
         let mut c = cfg(ObjectiveKind::Ospo, 1.0);
@@ -531,7 +547,10 @@ mod tests {
         c.ospo.min_memory = 2;
         let mut o = Objective::new(c);
         o.observe(&[0.0, 2.0], &[0.0, 1.0]);
-        let l = scalar(&o.loss(&v(&[1.0]), &v(&[1.0]), &v(&[1.0]), &link, 0).unwrap());
+        let l = scalar(
+            &o.loss(&v(&[1.0]), &v(&[1.0]), &v(&[1.0]), &link, 0)
+                .unwrap(),
+        );
         assert!((l - 2f64.ln()).abs() < 1e-5, "{l}");
         // Bandwidth: std([0, 2]) = √2, m = 2.
         let h = o.ospo_bandwidth();
@@ -539,7 +558,10 @@ mod tests {
         // Query t = 0: weights 1 and exp(−0.5 (2/h)²).
         let k = (-0.5 * (2.0 / h).powi(2)).exp();
         let g = k / (1.0 + k + 1e-6);
-        let l = scalar(&o.loss(&v(&[0.0]), &v(&[0.0]), &v(&[1.0]), &link, 0).unwrap());
+        let l = scalar(
+            &o.loss(&v(&[0.0]), &v(&[0.0]), &v(&[1.0]), &link, 0)
+                .unwrap(),
+        );
         assert!((l + (1.0 - g).ln()).abs() < 1e-9);
     }
 
@@ -590,11 +612,20 @@ mod tests {
         }
         // Leave-one-out kernel link has a gradient too.
         let tv = Var::new(&[0.3f64, -0.4][..], &Device::Cpu).unwrap();
-        let p = kernel_link(tv.as_tensor(), &[0.3, -0.4, 1.0], &[1.0, 0.0, 1.0], 0.5, Some(&[0, 1]))
-            .unwrap();
+        let p = kernel_link(
+            tv.as_tensor(),
+            &[0.3, -0.4, 1.0],
+            &[1.0, 0.0, 1.0],
+            0.5,
+            Some(&[0, 1]),
+        )
+        .unwrap();
         let pv = p.to_vec1::<f64>().unwrap();
         // Query 0 sees (−0.4, 0) and (1, 1) only.
-        let (k1, k2) = ((-0.5f64 * (0.7f64 / 0.5).powi(2)).exp(), (-0.5f64 * (0.7f64 / 0.5).powi(2)).exp());
+        let (k1, k2) = (
+            (-0.5f64 * (0.7f64 / 0.5).powi(2)).exp(),
+            (-0.5f64 * (0.7f64 / 0.5).powi(2)).exp(),
+        );
         assert!((pv[0] - k2 / (k1 + k2 + 1e-6)).abs() < 1e-9);
         assert!(pv[1] > 0.0 && pv[1] < 1.0);
     }
