@@ -82,40 +82,40 @@ pub struct SyntheticBenchArgs {
     pub tau: f64,
     /// Number of training pairs.
     #[arg(long, default_value_t = 1000)]
-    pub n: usize,
+    pub n: u32,
     /// Number of fresh evaluation contexts.
     #[arg(long, default_value_t = 2000)]
-    pub eval_contexts: usize,
+    pub eval_contexts: u32,
     /// Methods (comma list of dpo, pspo, ospo, rspo).
     #[arg(long, default_value = "dpo,pspo,ospo,rspo")]
     pub methods: String,
     /// Worker threads (0: all cores).
     #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    pub threads: u32,
     /// Matched training budgets in epochs (comma list; empty to skip the sweep).
     #[arg(long, default_value = "1,3,11,30,100")]
     pub epochs_budget: String,
     /// Epochs of DPO and RSPO, and of OSPO after its warm-up.
     #[arg(long, default_value_t = 100)]
-    pub epochs: usize,
+    pub epochs: u32,
     /// OSPO DPO warm-up epochs.
     #[arg(long, default_value_t = 2)]
-    pub ospo_warm: usize,
+    pub ospo_warm: u32,
     /// OSPO bandwidth constant c.
     #[arg(long, default_value_t = 1.0)]
     pub ospo_bandwidth: f64,
     /// PSPO DPO warm-up epochs.
     #[arg(long, default_value_t = 3)]
-    pub pspo_warm: usize,
+    pub pspo_warm: u32,
     /// PSPO rounds of (isotonic refit, inner epochs).
     #[arg(long, default_value_t = 4)]
-    pub pspo_outer: usize,
+    pub pspo_outer: u32,
     /// PSPO epochs per round.
     #[arg(long, default_value_t = 2)]
-    pub pspo_inner: usize,
+    pub pspo_inner: u32,
     /// Minibatch size.
     #[arg(long, default_value_t = 128)]
-    pub batch_size: usize,
+    pub batch_size: u32,
     /// Adam learning rate.
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
@@ -127,7 +127,7 @@ pub struct SyntheticBenchArgs {
     pub kappa: f64,
     /// Minibatch size of the streaming mode.
     #[arg(long, default_value_t = 8)]
-    pub stream_batch: usize,
+    pub stream_batch: u32,
     /// Skip the streaming study.
     #[arg(long)]
     pub no_streaming: bool,
@@ -184,7 +184,7 @@ pub fn shifted_logistic_mixture(u: f64, s: f64, tau: f64) -> f64 {
 fn stream_seed(seed: u64, stream: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add(stream.wrapping_mul(0xD1B5_4A32_D192_ED03))
-        ^ 0x5350_4F4B_45
+        ^ 0x0053_504F_4B45
 }
 
 /// Everything drawn once per seed (shared by every s and method: common random numbers).
@@ -366,7 +366,7 @@ impl<'a> Trainer<'a> {
             zt,
             model,
             opt,
-            batch: args.batch_size.max(1),
+            batch: (args.batch_size as usize).max(1),
             shuffle: ChaCha8Rng::seed_from_u64(stream_seed(data.seed, 4)),
         })
     }
@@ -424,9 +424,9 @@ pub type Curve = Vec<(f64, f64)>;
 /// Epochs of a method's paper schedule.
 pub fn main_epochs(method: ObjectiveKind, a: &SyntheticBenchArgs) -> usize {
     match method {
-        ObjectiveKind::Dpo | ObjectiveKind::Rspo => a.epochs,
-        ObjectiveKind::Ospo => a.ospo_warm + a.epochs,
-        ObjectiveKind::Pspo => a.pspo_warm + a.pspo_outer * a.pspo_inner,
+        ObjectiveKind::Dpo | ObjectiveKind::Rspo => a.epochs as usize,
+        ObjectiveKind::Ospo => (a.ospo_warm + a.epochs) as usize,
+        ObjectiveKind::Pspo => (a.pspo_warm + a.pspo_outer * a.pspo_inner) as usize,
     }
 }
 
@@ -461,7 +461,7 @@ fn train_offline(
             ObjectiveKind::Dpo => tr.epoch(&Phase::Dpo)?,
             ObjectiveKind::Rspo => tr.epoch(&Phase::Rspo)?,
             ObjectiveKind::Ospo => {
-                if e < a.ospo_warm {
+                if e < a.ospo_warm as usize {
                     tr.epoch(&Phase::Dpo)?
                 } else {
                     let t_mem = tr.index_all()?;
@@ -470,10 +470,10 @@ fn train_offline(
                 }
             }
             ObjectiveKind::Pspo => {
-                if e < a.pspo_warm {
+                if e < a.pspo_warm as usize {
                     tr.epoch(&Phase::Dpo)?
                 } else {
-                    if (e - a.pspo_warm) % a.pspo_inner.max(1) == 0 {
+                    if (e - a.pspo_warm as usize) % (a.pspo_inner as usize).max(1) == 0 {
                         iso = isotonic_fit(&tr.index_all()?, &tr.z, 1e-4);
                     }
                     tr.epoch(&Phase::Pspo { iso: &iso })?
@@ -497,7 +497,7 @@ fn train_streaming(
     let dev = Device::Cpu;
     let model = data.learner()?;
     let mut opt = AdamW::new(model.vars(), adam(a.lr))?;
-    let bs = a.stream_batch.max(1);
+    let bs = (a.stream_batch as usize).max(1);
     let steps = data.n.div_ceil(bs) as u64;
     let mut obj = Objective::new(ObjectiveConfig {
         kind: method,
@@ -606,7 +606,7 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
     if args.n < 2 || args.eval_contexts == 0 {
         bail!("--n must be >= 2 and --eval-contexts >= 1");
     }
-    if !(args.tau > 0.0) {
+    if args.tau.is_nan() || args.tau <= 0.0 {
         bail!("--tau must be > 0, got {}", args.tau);
     }
     std::fs::create_dir_all(&args.out)
@@ -616,12 +616,12 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     } else {
-        args.threads
+        args.threads as usize
     };
 
     let data: Vec<SeedData> = seeds
         .iter()
-        .map(|s| SeedData::generate(*s, args.n, args.eval_contexts, args.nu))
+        .map(|s| SeedData::generate(*s, args.n as usize, args.eval_contexts as usize, args.nu))
         .collect::<Result<_>>()?;
     let last_budget = budgets.iter().copied().max().unwrap_or(0);
     let mut jobs = Vec::new();
@@ -782,7 +782,7 @@ fn run_job(
     })
 }
 
-fn csv_rows(out: &mut String, r: &Row, n: usize, tau: f64, extra: Option<&str>) {
+fn csv_rows(out: &mut String, r: &Row, n: u32, tau: f64, extra: Option<&str>) {
     for (b, (kl, rw)) in BETA_GRID.iter().zip(&r.curve) {
         let _ = write!(
             out,

@@ -65,7 +65,7 @@ pub fn fit_logistic(t: &[f64], zbar: &[f64], w: &[f64]) -> (f64, f64) {
         let lam = 1e-9 + 1e-6 * (h00 + h11);
         let (h00, h11) = (h00 + lam, h11 + lam);
         let det = h00 * h11 - h01 * h01;
-        if !(det > 0.0) {
+        if det.is_nan() || det <= 0.0 {
             break;
         }
         let da = (h11 * g0 - h01 * g1) / det;

@@ -257,7 +257,7 @@ pub fn kernel_link(
             "kernel_link: exclude has {} entries for {n} queries",
             ex.len()
         );
-        let mut keep = vec![1f64; n * m];
+        let mut keep = vec![1f32; n * m];
         for (i, &j) in ex.iter().enumerate() {
             if j < m {
                 keep[i * m + j] = 0.0;
