@@ -272,7 +272,7 @@ pub async fn run_with(
                     &buffer,
                     &mut accounted,
                     &parent,
-                    Some(&eval),
+                    Some((&eval, &holdout)),
                     &mut writer,
                 )?;
                 last_snapshot_step = learner.step_count();
@@ -444,7 +444,7 @@ pub async fn run_with(
             &buffer,
             &mut accounted,
             &parent,
-            (eval.n > 0).then_some(&eval),
+            (eval.n > 0).then_some((&eval, &holdout)),
             &mut writer,
         )?;
     }
@@ -551,7 +551,7 @@ fn snapshot(
     buffer: &EventBuffer,
     accounted: &mut u64,
     parent: &Option<String>,
-    eval: Option<&EvalReport>,
+    eval: Option<(&EvalReport, &VecDeque<(PreferenceEvent, Position)>)>,
     writer: &mut BackgroundWriter,
 ) -> Result<()> {
     let offsets = tracker.covered(buffer.positions());
@@ -581,7 +581,12 @@ fn snapshot(
         metrics: std::mem::take(&mut pending.metrics),
         events: now,
         link_curve: learner.link().curve(),
-        eval: eval.map(|e| Evaluation::from_report(e, None)),
+        eval: eval.map(|(e, holdout)| {
+            let prompts = holdout.iter().map(|(ev, _)| ev.prompt.as_str());
+            let seed = cfg.run.seed ^ learner.step_count();
+            let kl = crate::promote::estimate_kl(learner.policy(), prompts, &cfg.promote, seed);
+            Evaluation::from_report(e, kl)
+        }),
     };
     writer.submit(content)
 }

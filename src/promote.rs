@@ -43,6 +43,11 @@ pub struct PromoteConfig {
     pub max_kl: f64,
     /// Minimum number of held-out pairs the evaluation must have used.
     pub min_holdout: usize,
+    /// Held-out prompts (most recent) used for the KL(policy ‖ reference) estimate at each
+    /// evaluated snapshot (0: no KL estimate; it is then recorded as NaN).
+    pub kl_prompts: usize,
+    /// Tokens sampled per prompt for the KL estimate.
+    pub kl_max_new_tokens: usize,
 }
 
 impl Default for PromoteConfig {
@@ -54,6 +59,8 @@ impl Default for PromoteConfig {
             min_auc: 0.5,
             max_kl: 0.0,
             min_holdout: 16,
+            kl_prompts: 16,
+            kl_max_new_tokens: 16,
         }
     }
 }
@@ -88,6 +95,32 @@ impl PromoteConfig {
     /// Whether automatic promotion is on.
     pub fn enabled(&self) -> bool {
         self.every_steps > 0 || self.every_seconds > 0.0
+    }
+}
+
+/// KL(policy ‖ reference) estimated on up to `cfg.kl_prompts` of the given (held-out)
+/// prompts, the most recent ones, with a fixed seed. `None` when disabled, when there are no
+/// prompts, or when the policy cannot estimate it (logged).
+pub fn estimate_kl<'a>(
+    policy: &dyn crate::model::Policy,
+    prompts: impl DoubleEndedIterator<Item = &'a str>,
+    cfg: &PromoteConfig,
+    seed: u64,
+) -> Option<f64> {
+    if cfg.kl_prompts == 0 || cfg.kl_max_new_tokens == 0 {
+        return None;
+    }
+    let mut p: Vec<&str> = prompts.rev().take(cfg.kl_prompts).collect();
+    p.reverse();
+    if p.is_empty() {
+        return None;
+    }
+    match policy.kl_estimate(&p, cfg.kl_max_new_tokens, seed) {
+        Ok(kl) => Some(kl),
+        Err(e) => {
+            tracing::debug!("No KL estimate: {e:#}.");
+            None
+        }
     }
 }
 
