@@ -160,6 +160,11 @@ fn kill_9_never_leaves_a_torn_snapshot() {
         "only {during_write} kills landed while a snapshot was being written"
     );
     assert!(newest.is_some(), "no snapshot survived");
+    // Periodic promotion ran (every 2 steps) and its pointer survived the kills.
+    let promoted = spoke::promote::current(&data)
+        .unwrap()
+        .expect("a promotion");
+    verify(&data.join(&promoted.path)).unwrap();
 
     // Corrupt the newest snapshot: the next run must skip it and resume from the previous.
     let snaps = list(&data).unwrap();
