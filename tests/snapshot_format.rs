@@ -480,6 +480,13 @@ async fn background_writer_retention_and_tmp_gc() {
     // 1 is no longer protected by this writer; 5 is promoted; 8, 9 are the last two.
     assert_eq!(kept, BTreeSet::from([5, 8, 9]));
 
+    // Creation order, not step order: a fresh lineage (steps from 1 again) is the newest.
+    w.submit(content(1, 0.7)).unwrap();
+    let fresh = w.wait_idle().await.pop().unwrap().unwrap();
+    let all = list(data).unwrap();
+    assert_eq!(all.last().unwrap(), &fresh.path);
+    assert!(verify(&all[all.len() - 2]).unwrap().step == 9);
+
     // A refused write comes back as an error and the writer keeps going.
     let mut bad = content(10, 0.5);
     bad.weights.tensors[1].1 = tensor(&[f32::NAN, 1.0], &[2]);

@@ -421,14 +421,17 @@ pub fn step_of_name(name: &str) -> Option<u64> {
     name.split('-').next()?.parse().ok()
 }
 
-/// Snapshot directories of a data directory, oldest first: by step, then (for equal steps)
-/// by events seen and creation time from the manifest, then by name.
+/// Snapshot directories of a data directory, oldest first by creation time (from the
+/// manifest; then step, then name). Creation order, not step order, so that after a run with
+/// `--fresh` (steps restart from 0) or a fallback resume past a corrupted snapshot, the
+/// newest lineage is what resume and retention treat as the latest. Directories whose
+/// manifest cannot be read sort first (oldest).
 pub fn list(data_dir: &Path) -> Result<Vec<PathBuf>> {
     let root = snapshots_dir(data_dir);
     if !root.exists() {
         return Ok(vec![]);
     }
-    let mut v: Vec<((u64, u64, String, String), PathBuf)> = std::fs::read_dir(&root)
+    let mut v: Vec<((String, u64, String), PathBuf)> = std::fs::read_dir(&root)
         .with_context(|| format!("listing {}", root.display()))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -445,10 +448,15 @@ pub fn list(data_dir: &Path) -> Result<Vec<PathBuf>> {
                 .unwrap_or_default()
                 .to_string();
             let step = step_of_name(&name).unwrap_or(0);
-            let (seen, created) = read_manifest(&p)
-                .map(|m| (m.events_seen, m.created))
-                .unwrap_or((0, String::new()));
-            ((step, seen, created, name), p)
+            let created = read_manifest(&p)
+                .ok()
+                .and_then(|m| chrono::DateTime::parse_from_rfc3339(&m.created).ok())
+                .map(|t| {
+                    t.with_timezone(&chrono::Utc)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+                })
+                .unwrap_or_default();
+            ((created, step, name), p)
         })
         .collect();
     v.sort();
