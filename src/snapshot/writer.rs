@@ -155,6 +155,17 @@ impl Drop for BackgroundWriter {
     }
 }
 
+/// Run the writer thread at a lower CPU priority (nice +10) so that serialisation and hashing
+/// yield to the learner when cores are scarce. Best effort; Linux only.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's own id; no memory is shared.
+    unsafe {
+        let tid = libc::gettid();
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
 struct Worker {
     data_dir: PathBuf,
     cfg: SnapshotConfig,
@@ -169,6 +180,7 @@ impl Worker {
         rx: mpsc::Receiver<SnapshotContent>,
         done: tokio::sync::mpsc::UnboundedSender<(Completed, f64)>,
     ) {
+        lower_priority();
         while let Ok(content) = rx.recv() {
             let t0 = Instant::now();
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.one(content)))
