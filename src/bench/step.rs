@@ -8,7 +8,8 @@
 //! Two timings per config: `cached_ref` (the step: reference log-probs computed once
 //! and cached, as spoke's learner does) and `with_ref` (the reference forward inside every
 //! step, as the PyTorch script does). The JSON also records how much CPU other processes
-//! used during the timed steps (from /proc/stat), since the numbers collapse under contention.
+//! used during the timed steps (from /proc/stat), since the numbers collapse under contention,
+//! and candle's thread count (`CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`, default: all cores).
 
 use crate::model::llama::{Batch, Seq};
 use crate::model::{tiny, LmPolicy, ModelConfig, Policy};
@@ -303,7 +304,8 @@ pub fn run(args: StepBenchArgs) -> anyhow::Result<()> {
         "benchmark": "dpo_step",
         "engine": "candle (CPU, f32)",
         "candle_version": "0.11",
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "threads": candle_core::utils::get_num_threads(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "time_utc": chrono::Utc::now().to_rfc3339(),
         "runs": out,
     });
