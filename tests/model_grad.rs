@@ -298,7 +298,7 @@ fn gradients_match_finite_differences() {
         let orig = var.as_tensor().copy().unwrap();
         let flat: Vec<f32> = orig.flatten_all().unwrap().to_vec1().unwrap();
         let h = 1e-2f32;
-        let mut at = |delta: f32| -> f64 {
+        let at = |delta: f32| -> f64 {
             let mut v = flat.clone();
             v[k] += delta;
             var.set(&Tensor::from_vec(v, orig.shape(), orig.device()).unwrap())
