@@ -25,6 +25,9 @@ pub struct TrainedEvent {
     pub weight: f64,
 }
 
+/// Weights, optimiser state tensors and optimiser step count, copied out for a snapshot.
+pub type Exported = (WeightExport, Vec<(String, Tensor)>, u64);
+
 /// Result of one step.
 pub struct StepReport {
     pub record: StepRecord,
@@ -379,7 +382,7 @@ impl Learner {
     }
 
     /// Copy out weights and optimiser state for a snapshot.
-    pub fn export(&self) -> Result<(WeightExport, Vec<(String, Tensor)>, u64)> {
+    pub fn export(&self) -> Result<Exported> {
         let w = self.policy.export()?;
         let (o, s) = self.opt.state()?;
         Ok((w, o, s))

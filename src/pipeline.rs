@@ -191,7 +191,10 @@ pub async fn run_with(
     // Resume from the latest good snapshot unless asked not to.
     let mut summary = Summary::default();
     let mut resume_offsets = Offsets::default();
+    // Records consumed over the data directory's history (for `run.max_events`) and records
+    // accounted for in durable snapshots (a snapshot's `events_seen`).
     let mut events_seen: u64 = 0;
+    let mut accounted: u64 = 0;
     let mut parent: Option<String> = None;
     if !opts.fresh {
         if let Some(r) = crate::snapshot::resume::load_latest(&data_dir, &mut learner)? {
@@ -203,6 +206,7 @@ pub async fn run_with(
             );
             resume_offsets = r.manifest.offsets.clone();
             events_seen = r.manifest.events_seen;
+            accounted = r.manifest.events_seen;
             parent = Some(r.name.clone());
             summary.resumed_from = Some(r.name);
         }
@@ -248,13 +252,14 @@ pub async fn run_with(
             last_report = Some(rep.record);
             if learner.step_count() >= last_snapshot_step + cfg.snapshot.every_steps {
                 eval = evaluate(&learner, &mut holdout, &metrics).await?;
+                dead.flush().await?;
                 let info = snapshot(
                     &cfg,
                     &learner,
                     &mut pending,
                     &tracker,
                     &buffer,
-                    events_seen_covered(events_seen, &buffer),
+                    &mut accounted,
                     &mut parent,
                     &metrics,
                 )?;
@@ -301,19 +306,17 @@ pub async fn run_with(
             None => source_done = true,
             Some(SourceItem::Idle) => {}
             Some(SourceItem::Revoked { partitions, ack }) => {
-                let dropped = buffer.drop_partitions(&partitions);
-                tracing::info!(
-                    "Partitions revoked: {:?}; dropped {dropped} untrained buffered events (they will be re-read by the new owner).",
-                    partitions
-                );
-                // Make what was trained durable and committed before letting go.
+                // Make what was trained durable and committed before letting go. The
+                // snapshot is taken while the revoked partitions' untrained events are still
+                // buffered, so its offsets do not cover them; the new owner re-reads them.
+                dead.flush().await?;
                 let info = snapshot(
                     &cfg,
                     &learner,
                     &mut pending,
                     &tracker,
                     &buffer,
-                    events_seen_covered(events_seen, &buffer),
+                    &mut accounted,
                     &mut parent,
                     &metrics,
                 )?;
@@ -321,6 +324,12 @@ pub async fn run_with(
                 summary.snapshots_written += 1;
                 summary.last_snapshot = Some(info.path);
                 last_snapshot_step = learner.step_count();
+                let dropped = buffer.drop_partitions(&partitions);
+                events_seen -= dropped as u64;
+                tracing::info!(
+                    "Partitions revoked: {:?}; dropped {dropped} untrained buffered events (the new owner re-reads them).",
+                    partitions
+                );
                 tracker.forget(&partitions);
                 pending.events.retain(|e| {
                     !partitions
@@ -417,7 +426,7 @@ pub async fn run_with(
             &mut pending,
             &tracker,
             &buffer,
-            events_seen_covered(events_seen, &buffer),
+            &mut accounted,
             &mut parent,
             &metrics,
         )?;
@@ -435,11 +444,6 @@ pub async fn run_with(
     summary.link_drift_l2 = drift.l2;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
-}
-
-/// Events covered by a snapshot taken now: consumed minus still-buffered.
-fn events_seen_covered(events_seen: u64, buffer: &EventBuffer) -> u64 {
-    events_seen - buffer.len() as u64
 }
 
 fn record_step(metrics: &Metrics, rep: &StepReport, pending: &mut Pending, summary: &mut Summary) {
@@ -502,7 +506,7 @@ fn snapshot(
     pending: &mut Pending,
     tracker: &OffsetTracker,
     buffer: &EventBuffer,
-    events_seen: u64,
+    accounted: &mut u64,
     parent: &mut Option<String>,
     metrics: &Metrics,
 ) -> Result<SnapshotInfo> {
@@ -518,10 +522,11 @@ fn snapshot(
                 .is_none_or(|next| e.offset < next)
         });
     pending.events = later;
+    *accounted += now.len() as u64;
     let (weights, optimizer, optimizer_step) = learner.export()?;
     let content = SnapshotContent {
         step: learner.step_count(),
-        events_seen,
+        events_seen: *accounted,
         objective: learner.objective_name().to_string(),
         config_hash: cfg.hash(),
         parent: parent.clone(),

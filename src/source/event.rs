@@ -200,8 +200,8 @@ fn from_object(
             Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
                 (Some(0), _) => 0,
                 (Some(1), _) => 1,
-                (_, Some(x)) if x == 0.0 => 0,
-                (_, Some(x)) if x == 1.0 => 1,
+                (_, Some(0.0)) => 0,
+                (_, Some(1.0)) => 1,
                 _ => {
                     return Err(DecodeError::new(format!(
                         "invalid value for `label`: must be 0 or 1, got {n}"
