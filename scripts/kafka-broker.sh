@@ -11,7 +11,8 @@
 # STATE_DIR (default .tools/tansu/run) receives broker.addr, broker.pid and broker.log, so
 # several brokers can run side by side (the tests start private ones that way).
 # Environment: SPOKE_TANSU_HOME (install dir, default <repo>/.tools/tansu), SPOKE_BROKER_PORT
-# (port for `start`, default: a free one), TANSU_BIN (use this binary instead of installing).
+# (port for `start`, default: a free one), TANSU_BIN (use this binary instead of installing),
+# SPOKE_BROKER_WATCH_PID (`start`: stop the broker when this process exits; the tests use it).
 #
 # The test suite reads the broker address from SPOKE_TEST_BROKERS; typical use:
 #   scripts/kafka-broker.sh install
@@ -97,6 +98,12 @@ start() {
         for _ in $(seq 1 100); do
             if accepts "$port"; then
                 echo "127.0.0.1:$port" >"$dir/broker.addr"
+                if [[ -n "${SPOKE_BROKER_WATCH_PID:-}" ]]; then
+                    # Stop the broker when the watched process (a test) goes away.
+                    setsid bash -c 'while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 1; done
+                        kill -CONT "$2" 2>/dev/null; kill "$2" 2>/dev/null' _ "$SPOKE_BROKER_WATCH_PID" "$pid" \
+                        >/dev/null 2>&1 </dev/null &
+                fi
                 echo "127.0.0.1:$port"
                 return 0
             fi
