@@ -74,6 +74,7 @@ fn per_partition(report: &str) -> BTreeMap<i32, i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_commits_resume_and_pause() {
+    init_logging();
     let broker = Broker::get();
     let topic = unique("src");
     let group = unique("g");
@@ -184,6 +185,7 @@ async fn offsets_commits_resume_and_pause() {
 /// or lost across both members.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
+    init_logging();
     let broker = Broker::get();
     let topic = unique("reb");
     let group = unique("g");
@@ -193,9 +195,11 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
 
     let cfg = kcfg(&broker.addr, &topic, &group);
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     type Seen = Vec<(i32, i64, Instant)>;
     let run_member = |name: &'static str, slow_until_revoked: bool, mut done: tokio::sync::watch::Receiver<bool>| {
         let cfg = cfg.clone();
+        let delivered = delivered.clone();
         tokio::spawn(async move {
             let mut src = KafkaSource::new(&cfg, Metrics::new()).unwrap();
             src.start(&Offsets::default()).await.unwrap();
@@ -212,6 +216,7 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
                             offset,
                         } = r.position;
                         seen.push((partition, offset, Instant::now()));
+                        delivered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         consumed_next.insert((stream, partition), offset + 1);
                         if slow {
                             tokio::time::sleep(Duration::from_millis(4)).await;
@@ -253,18 +258,17 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
     // Let A own every partition and start reading.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let b = run_member("b", false, done_rx.clone());
-    // Wait until both together have read everything (or time out).
+    // Wait until both together have read everything, then a little longer (a duplicate
+    // delivery would show up then).
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(90) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if a.is_finished() || b.is_finished() {
-            break;
-        }
-        // Stop when the topic is drained by the two: checked after joining below.
-        if t0.elapsed() > Duration::from_secs(25) {
-            break;
-        }
+    while delivered.load(std::sync::atomic::Ordering::SeqCst) < total
+        && t0.elapsed() < Duration::from_secs(90)
+        && !a.is_finished()
+        && !b.is_finished()
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     done_tx.send(true).unwrap();
     let (sa, ra) = a.await.unwrap();
     let (sb, _rb) = b.await.unwrap();
@@ -292,6 +296,7 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_keep_the_original_bytes_and_say_why() {
+    init_logging();
     let broker = Broker::get();
     let dlq = unique("dlq");
     create_topic(&broker.addr, &dlq, 1);
@@ -345,6 +350,7 @@ async fn dead_letters_keep_the_original_bytes_and_say_why() {
 
 #[test]
 fn produce_publishes_files_and_malformed_shares() {
+    init_logging();
     let broker = Broker::get();
     let dir = tempfile::tempdir().unwrap();
 

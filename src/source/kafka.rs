@@ -542,10 +542,15 @@ impl Ctx {
                 );
             }
         }
-        if sh.paused_applied.load(Ordering::SeqCst) {
-            if let Err(e) = consumer.pause(tpl) {
-                sh.count_error("pausing newly assigned partitions", &e);
-            }
+        // librdkafka keeps a partition's pause flag across unassign/assign, so set it
+        // explicitly either way.
+        let r = if sh.paused_applied.load(Ordering::SeqCst) {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(e) = r {
+            sh.count_error("pausing/resuming newly assigned partitions", &e);
         }
         let described: Vec<String> = parts
             .iter()
@@ -843,14 +848,9 @@ fn poll_loop(consumer: Arc<KConsumer>, shared: Arc<Shared>, capacity: usize) {
             }
         }
     }
-    // Leave the group: revocations from here on do not wait for the pipeline.
+    // Revocations from here on do not wait for the pipeline; dropping the last reference
+    // to the consumer leaves the group (rdkafka closes the queue and polls until closed).
     shared.closing.store(true, Ordering::SeqCst);
-    if consumer.close_queue().is_ok() {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !consumer.closed() && Instant::now() < deadline {
-            consumer.poll(Duration::from_millis(100));
-        }
-    }
 }
 
 #[async_trait]

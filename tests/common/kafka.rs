@@ -25,6 +25,16 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Log spoke's tracing output in tests (`SPOKE_LOG=debug` for more).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// A broker to test against.
 pub struct Broker {
     pub addr: String,
