@@ -274,11 +274,11 @@ pub async fn run_with(
                 last_snapshot_step = learner.step_count();
                 if opts.progress {
                     eprintln!(
-                        "step {:>6}  events {:>8}  loss {:.4}  held-out acc {:.3}  drift {:.3}  snapshot {}",
+                        "step {:>6}  events {:>8}  loss {:.4}  held-out acc {}  drift {:.3}  snapshot {}",
                         learner.step_count(),
                         events_seen,
                         last_report.as_ref().map(|r| r.loss).unwrap_or(f64::NAN),
-                        eval.accuracy,
+                        if eval.n > 0 { format!("{:.3}", eval.accuracy) } else { "-".into() },
                         learner.link().drift().sup,
                         info.name
                     );

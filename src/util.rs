@@ -35,8 +35,27 @@ pub fn is_holdout(event_id: &str, fraction: f64) -> bool {
     if fraction <= 0.0 {
         return false;
     }
-    let u = (fnv1a64(event_id) >> 11) as f64 / (1u64 << 53) as f64;
+    // FNV-1a followed by a splitmix64 finaliser, so that ids differing only in their last
+    // characters still spread uniformly.
+    let mut z = fnv1a64(event_id);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^= z >> 31;
+    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
     u < fraction
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn holdout_share_is_close_to_the_fraction() {
+        let n = 20_000;
+        let k = (0..n)
+            .filter(|i| super::is_holdout(&format!("syn-0-{i}"), 0.1))
+            .count();
+        let share = k as f64 / n as f64;
+        assert!((share - 0.1).abs() < 0.01, "{share}");
+    }
 }
 
 /// Write bytes to `path` and fsync the file.

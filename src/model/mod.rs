@@ -1,5 +1,18 @@
 //! Policy models: anything that gives differentiable summed log-probs of responses given
 //! prompts. The learner only sees the [`Policy`] trait.
+//!
+//! The implementation is [`LmPolicy`]: a Llama-family causal LM (Llama 2/3, Mistral,
+//! Qwen2/2.5, SmolLM, TinyLlama) loaded from a Hugging Face directory, or the embedded tiny
+//! model ([`tiny`]), trained fully or through PEFT-compatible LoRA adapters.
+
+pub mod config;
+pub mod llama;
+pub mod lora;
+pub mod policy;
+pub mod tiny;
+
+pub use config::LlamaConfig;
+pub use policy::{parse_device, parse_dtype, LmPolicy};
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
@@ -130,10 +143,26 @@ pub trait Policy: Send {
     fn load_trainable(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
     /// One line for logs.
     fn describe(&self) -> String;
+    /// Monte-Carlo estimate of KL(π‖π_ref) on `prompts`: sample a response of at most
+    /// `max_new_tokens` tokens for each prompt from the policy (ancestral sampling, seeded,
+    /// no gradient) and return the mean of log π(y|x) − log π_ref(y|x) (the k1 estimator).
+    fn kl_estimate(&self, prompts: &[&str], max_new_tokens: usize, seed: u64) -> Result<f64> {
+        let _ = (prompts, max_new_tokens, seed);
+        anyhow::bail!("kl_estimate is not supported by {}", self.describe())
+    }
 }
 
 /// Build the configured policy (the embedded tiny model by default).
 pub fn load_policy(cfg: &ModelConfig, data_dir: &Path) -> Result<Box<dyn Policy>> {
-    let _ = (cfg, data_dir);
-    anyhow::bail!("model loading is not implemented yet")
+    Ok(Box::new(load_lm(cfg, data_dir)?))
+}
+
+/// [`load_policy`] with the concrete type: `cfg.path`, or the tiny model under
+/// `<data_dir>/model` (created on first use).
+pub fn load_lm(cfg: &ModelConfig, data_dir: &Path) -> Result<LmPolicy> {
+    let dir = match &cfg.path {
+        Some(p) => p.clone(),
+        None => tiny::ensure(data_dir, &cfg.tiny)?,
+    };
+    LmPolicy::load(&dir, cfg, None)
 }

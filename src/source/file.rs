@@ -17,7 +17,7 @@ pub struct FileConfig {
 
 pub struct FileSource {
     path: PathBuf,
-    lines: Option<std::io::Lines<std::io::BufReader<std::fs::File>>>,
+    reader: Option<std::io::BufReader<std::fs::File>>,
     next: i64,
     skip_to: i64,
 }
@@ -26,7 +26,7 @@ impl FileSource {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
-            lines: None,
+            reader: None,
             next: 0,
             skip_to: 0,
         }
@@ -44,25 +44,23 @@ impl Source for FileSource {
     async fn start(&mut self, resume: &Offsets) -> Result<()> {
         let f = std::fs::File::open(&self.path)
             .with_context(|| format!("source.file.path: cannot open {}", self.path.display()))?;
-        self.lines = Some(std::io::BufReader::new(f).lines());
+        self.reader = Some(std::io::BufReader::new(f));
         self.skip_to = resume.get(&self.stream(), 0).unwrap_or(0);
         Ok(())
     }
     async fn next(&mut self) -> Result<Option<SourceItem>> {
         let stream = self.stream();
-        let lines = self.lines.as_mut().context("file source not started")?;
+        let reader = self.reader.as_mut().context("file source not started")?;
         loop {
-            let Some(line) = lines.next() else {
+            // Raw bytes: lines that are not valid UTF-8 reach the decoder (and the dead-letter
+            // sink) exactly as they are.
+            let mut payload = Vec::new();
+            if reader.read_until(b'\n', &mut payload)? == 0 {
                 return Ok(None);
-            };
-            // Invalid UTF-8 lines still reach the decoder (and the dead-letter sink) as bytes.
-            let payload = match line {
-                Ok(s) => s.into_bytes(),
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    b"<line is not valid UTF-8>".to_vec()
-                }
-                Err(e) => return Err(e.into()),
-            };
+            }
+            while payload.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                payload.pop();
+            }
             let i = self.next;
             self.next += 1;
             if i < self.skip_to || payload.iter().all(|b| b.is_ascii_whitespace()) {
