@@ -315,7 +315,8 @@ struct State {
     /// Partitions being revoked: still committable until the rebalance completes.
     revoking: HashSet<Tp>,
     epoch: u64,
-    /// Offsets of the resumed snapshot (kept current with our own commits).
+    /// Offsets of the latest durable snapshot: the resumed one, then each one the pipeline
+    /// commits.
     resume: Offsets,
     /// Items the polling thread could not put into the full channel yet, in order.
     overflow: VecDeque<Msg>,
@@ -934,8 +935,14 @@ impl Source for KafkaSource {
         let mut entries = vec![];
         let mut skipped = vec![];
         {
-            let st = self.shared.lock();
+            let mut st = self.shared.lock();
             for (t, p, o) in offsets.iter() {
+                // These offsets are in a durable snapshot now: if the commit below fails
+                // (e.g. the assignment was lost in an outage), a later assignment of the
+                // partition still starts no earlier than this.
+                if st.resume.get(t, p).is_none_or(|r| r < o) {
+                    st.resume.set(t, p, o);
+                }
                 let tp = (t.to_string(), p);
                 if st.parts.contains_key(&tp) || st.revoking.contains(&tp) {
                     tpl.add_partition_offset(t, p, Offset::Offset(o))
@@ -977,16 +984,12 @@ impl Source for KafkaSource {
                 }
             }
         }
-        let mut st = self.shared.lock();
         for (t, p, o) in entries {
             self.shared
                 .metrics
                 .kafka_committed_offset
                 .with_label_values(&[t.as_str(), &p.to_string()])
                 .set(o);
-            if st.resume.get(&t, p).is_some_and(|r| r < o) {
-                st.resume.set(&t, p, o);
-            }
         }
         Ok(())
     }

@@ -411,3 +411,178 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Settings of one `spoke run` against Kafka.
+pub struct RunSpec {
+    pub addr: String,
+    pub topic: String,
+    pub group: String,
+    pub dlq: String,
+    pub data_dir: PathBuf,
+    /// 0: until stopped.
+    pub max_events: u64,
+    pub every_steps: u64,
+}
+
+/// configs/kafka.toml with test-friendly consumer timings, written next to the data dir.
+pub fn test_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("configs/kafka.toml")).expect("configs/kafka.toml");
+    let mut t: toml::Table = text.parse().expect("configs/kafka.toml parses");
+    let client = t["kafka"]["client"].as_table().cloned().unwrap_or_default();
+    let mut client = client;
+    client.insert("session.timeout.ms".into(), SESSION_TIMEOUT_MS.to_string().into());
+    client.insert("heartbeat.interval.ms".into(), "1000".into());
+    client.insert("max.poll.interval.ms".into(), MAX_POLL_INTERVAL_MS.to_string().into());
+    client.insert("statistics.interval.ms".into(), "1000".into());
+    t.get_mut("kafka")
+        .and_then(|k| k.as_table_mut())
+        .expect("[kafka]")
+        .insert("client".into(), toml::Value::Table(client));
+    let path = dir.join("kafka-test.toml");
+    std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    path
+}
+
+impl RunSpec {
+    pub fn command(&self) -> Command {
+        let cfg = test_config(self.data_dir.parent().expect("data dir has a parent"));
+        let mut c = Command::new(SPOKE);
+        c.arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .args(["--brokers", &self.addr, "--topic", &self.topic, "--group", &self.group])
+            .args(["--dead-letter-topic", &self.dlq])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--max-events", &self.max_events.to_string()])
+            .args(["--metrics-addr", ""])
+            .arg("-q");
+        for s in [
+            "run.batch_size=64".to_string(),
+            "run.buffer_capacity=256".into(),
+            "run.holdout_capacity=64".into(),
+            format!("snapshot.every_steps={}", self.every_steps),
+            "snapshot.keep_last=1000000".into(),
+            // The smallest Llama the embedded model allows: the tests are about accounting.
+            "model.tiny.hidden_size=16".into(),
+            "model.tiny.intermediate_size=32".into(),
+            "model.tiny.num_hidden_layers=1".into(),
+            "model.tiny.num_attention_heads=2".into(),
+            "model.tiny.num_key_value_heads=1".into(),
+            "model.max_prompt_tokens=32".into(),
+            "model.max_response_tokens=32".into(),
+        ] {
+            c.arg("--set").arg(s);
+        }
+        c.env("RAYON_NUM_THREADS", "1")
+            .env("SPOKE_LOG", std::env::var("SPOKE_LOG").unwrap_or_else(|_| "info".into()));
+        c
+    }
+
+    /// Start it with stderr going to `<data_dir>.log`.
+    pub fn spawn(&self) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        self.command()
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning spoke run")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.with_extension("log")
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Wait for the process to exit successfully within `timeout`.
+    pub fn wait_ok(&self, child: &mut std::process::Child, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert!(st.success(), "spoke run failed ({st}):\n{}", self.log_tail());
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("spoke run did not finish within {timeout:?}:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// What the topic holds: every position, and the malformed ones with their payloads.
+pub struct TopicContents {
+    pub all: std::collections::BTreeSet<(String, i32, i64)>,
+    pub malformed: BTreeMap<(i32, i64), Vec<u8>>,
+    pub ids: HashMap<(i32, i64), String>,
+}
+
+pub fn topic_contents(addr: &str, topic: &str, expected: usize) -> TopicContents {
+    let recs = read_topic(addr, topic, expected, Duration::from_secs(60));
+    assert_eq!(recs.len(), expected, "topic {topic} holds {} records", recs.len());
+    let mut out = TopicContents {
+        all: Default::default(),
+        malformed: Default::default(),
+        ids: Default::default(),
+    };
+    for r in recs {
+        out.all.insert((topic.to_string(), r.partition, r.offset));
+        let fallback = format!("{topic}/{}/{}", r.partition, r.offset);
+        match spoke::source::decode_event(&r.payload, &fallback) {
+            Ok(e) => {
+                out.ids.insert((r.partition, r.offset), e.event_id);
+            }
+            Err(_) => {
+                out.malformed.insert((r.partition, r.offset), r.payload);
+            }
+        }
+    }
+    out
+}
+
+/// Check the accounting of `rows` (one or more chains) against the topic: every position
+/// exactly once, malformed ones dead-lettered, valid ones trained or held out.
+pub fn assert_exact_accounting(rows: &[EventRow], topic: &TopicContents) {
+    let acc = account(rows);
+    assert!(
+        acc.duplicates.is_empty(),
+        "{} positions accounted more than once, e.g. {:?}",
+        acc.duplicates.len(),
+        &acc.duplicates[..acc.duplicates.len().min(5)]
+    );
+    let missing: Vec<_> = topic.all.difference(&acc.positions).take(5).collect();
+    let extra: Vec<_> = acc.positions.difference(&topic.all).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "accounting differs from the topic: {} of {} accounted; missing e.g. {missing:?}, extra e.g. {extra:?}",
+        acc.positions.len(),
+        topic.all.len()
+    );
+    assert_eq!(acc.train + acc.holdout + acc.dead_letter, topic.all.len());
+    assert_eq!(acc.dead_letter, topic.malformed.len());
+    for r in rows {
+        let key = (r.partition, r.offset);
+        if r.role == "dead_letter" {
+            assert!(topic.malformed.contains_key(&key), "valid event dead-lettered at {key:?}");
+        } else {
+            assert_eq!(
+                topic.ids.get(&key),
+                Some(&r.event_id),
+                "event id at {key:?} differs"
+            );
+            if r.role == "train" {
+                assert!(r.step.is_some(), "trained event without a step at {key:?}");
+            }
+        }
+    }
+}
