@@ -227,7 +227,12 @@ pub async fn run_with(
     let capacity = cfg.run.buffer_capacity;
     let mut buffer = EventBuffer::new();
     let mut holdout: VecDeque<(PreferenceEvent, Position)> = VecDeque::new();
-    let mut tracker = OffsetTracker::default();
+    // Seeded with the resumed offsets so every later snapshot still records partitions that
+    // deliver nothing new in this process (else a crash before the next commit would resume
+    // them from an older committed offset and train their events twice).
+    let mut tracker = OffsetTracker {
+        consumed_next: resume_offsets.clone(),
+    };
     let mut pending = Pending {
         metrics: vec![],
         events: vec![],

@@ -1,11 +1,57 @@
 //! Kafka source (rdkafka consumer group) and dead-letter topic sink.
-//! (Filled in by the Kafka ingestion work; the config shape is fixed here.)
+//!
+//! # Consumer
+//! A dedicated thread owns the polling of one librdkafka [`BaseConsumer`] (the rebalance
+//! callback runs on it) and hands records to the pipeline through a bounded channel;
+//! [`Source::next`] reads that channel, so it is cancel-safe.
+//!
+//! * Offsets are never committed automatically (`enable.auto.commit=false`,
+//!   `enable.auto.offset.store=false`): the pipeline calls [`Source::commit`] after the snapshot
+//!   covering them is durable. Only partitions this member currently owns are committed, so a
+//!   stale snapshot can never move another member's progress backwards.
+//! * On assignment each partition starts from `max(snapshot offset, group's committed offset)`
+//!   when the resumed snapshot recorded it (the snapshot can be ahead of the group after a crash
+//!   between snapshot and commit; the group can be ahead when another member trained the
+//!   partition meanwhile), else from the committed offset, else per `auto.offset.reset`.
+//! * On revocation the callback queues [`SourceItem::Revoked`] behind the records already
+//!   handed over and blocks the rebalance until the pipeline acknowledges (it snapshots and
+//!   commits first), at most `revoke_timeout_ms`. Records of revoked partitions still queued
+//!   are discarded (they were not covered by any commit; the new owner reads them).
+//! * Backpressure: when the channel is full the thread pauses all assigned partitions and keeps
+//!   polling (rebalances and heartbeats go on), resuming at half capacity; [`Source::set_paused`]
+//!   pauses on the pipeline's behalf the same way. Prefetch is bounded by
+//!   `queued.max.messages.kbytes` (16 MiB by default).
+//! * Broker outages: librdkafka reconnects by itself; errors are counted in
+//!   `spoke_source_errors_total{source="kafka"}`, logged at most every few seconds, and the
+//!   thread backs off (up to 1 s) between polls. Nothing is committed that was not trained.
+//!
+//! # Configuration
+//! `[kafka.client]` goes verbatim to every librdkafka client spoke creates (SASL/SSL, tuning);
+//! keys librdkafka documents as consumer-only (producer-only) are not passed to producers
+//! (the consumer), so neither warns. `[kafka.consumer]` and `[kafka.producer]` apply to one
+//! kind only and win over `[kafka.client]`. Values are never logged; errors that could echo a
+//! value have configured values masked.
 
+use super::{DeadLetterSink, Offsets, Position, Source, SourceItem, SourceRecord};
+use crate::metrics::Metrics;
+use anyhow::{anyhow, bail, Context as _, Result};
+use async_trait::async_trait;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
 /// `[kafka]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port...]`.
@@ -18,6 +64,15 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     /// Passed verbatim to librdkafka (SASL/SSL and tuning); values never logged.
     pub client: BTreeMap<String, String>,
+    /// Passed to the consumer only (wins over `client`).
+    pub consumer: BTreeMap<String, String>,
+    /// Passed to producers only (dead-letter sink, `spoke produce`; wins over `client`).
+    pub producer: BTreeMap<String, String>,
+    /// Records queued between the polling thread and the pipeline before the consumer pauses.
+    pub queue_capacity: usize,
+    /// How long a revocation waits for the pipeline to snapshot and commit before the
+    /// rebalance goes on anyway (0: 80% of min(session.timeout.ms, max.poll.interval.ms)).
+    pub revoke_timeout_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -28,25 +83,1149 @@ impl Default for KafkaConfig {
             group: "spoke".into(),
             dead_letter_topic: "spoke.preferences.dlq".into(),
             client: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            queue_capacity: 4096,
+            revoke_timeout_ms: 0,
         }
     }
 }
 
-use crate::metrics::Metrics;
-use std::sync::Arc;
+/// Debug output masks every librdkafka value (they may hold passwords or keys).
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = |m: &BTreeMap<String, String>| {
+            m.keys()
+                .map(|k| format!("{k}=***"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("group", &self.group)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("client", &keys(&self.client))
+            .field("consumer", &keys(&self.consumer))
+            .field("producer", &keys(&self.producer))
+            .field("queue_capacity", &self.queue_capacity)
+            .field("revoke_timeout_ms", &self.revoke_timeout_ms)
+            .finish()
+    }
+}
+
+/// Keys spoke sets itself on the consumer: the offset semantics depend on them.
+const OWNED_CONSUMER_KEYS: &[&str] = &[
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+];
+
+/// Consumer-only librdkafka properties (CONFIGURATION.md, "C" rows) commonly set in a shared
+/// table; they are not passed to producers.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "group.protocol",
+    "group.protocol.type",
+    "group.remote.assignor",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "consume.callback.max.messages",
+];
+
+/// Producer-only librdkafka properties ("P" rows); not passed to the consumer.
+const PRODUCER_ONLY: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "retry.backoff.ms",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "request.required.acks",
+    "acks",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "partitioner",
+];
+
+/// Mask every configured value that occurs in `text` (librdkafka errors may quote values).
+fn mask_values(text: &str, cfg: &KafkaConfig) -> String {
+    let mut out = text.to_string();
+    for v in cfg
+        .client
+        .values()
+        .chain(cfg.consumer.values())
+        .chain(cfg.producer.values())
+    {
+        if v.len() >= 3 {
+            out = out.replace(v.as_str(), "***");
+        }
+    }
+    out
+}
+
+fn base_config(cfg: &KafkaConfig) -> Result<ClientConfig> {
+    if cfg.brokers.trim().is_empty() {
+        bail!("kafka.brokers: must not be empty");
+    }
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", cfg.brokers.trim());
+    c.set("client.id", "spoke");
+    c.set_log_level(RDKafkaLogLevel::Warning);
+    Ok(c)
+}
+
+/// The effective consumer configuration.
+pub fn consumer_config(cfg: &KafkaConfig) -> Result<ClientConfig> {
+    if cfg.topics.is_empty() || cfg.topics.iter().any(|t| t.trim().is_empty()) {
+        bail!("kafka.topics: needs at least one non-empty topic name");
+    }
+    if cfg.group.trim().is_empty() {
+        bail!("kafka.group: must not be empty");
+    }
+    let mut c = base_config(cfg)?;
+    // Defaults spoke chooses; [kafka.client]/[kafka.consumer] may override them.
+    c.set("auto.offset.reset", "earliest");
+    c.set("queued.max.messages.kbytes", "16384");
+    c.set("queued.min.messages", "10000");
+    c.set("statistics.interval.ms", "5000");
+    c.set("enable.partition.eof", "false");
+    for (k, v) in &cfg.client {
+        if !PRODUCER_ONLY.contains(&k.as_str()) {
+            c.set(k, v);
+        }
+    }
+    for (k, v) in &cfg.consumer {
+        c.set(k, v);
+    }
+    for k in OWNED_CONSUMER_KEYS {
+        let user = cfg.consumer.get(*k).or_else(|| cfg.client.get(*k));
+        if let Some(v) = user {
+            let ours = match *k {
+                "group.id" => cfg.group.as_str(),
+                _ => "false",
+            };
+            if v != ours {
+                tracing::warn!(
+                    "kafka client setting `{k}` is ignored: spoke sets it itself (offsets are committed only after a durable snapshot; use kafka.group for the group id)."
+                );
+            }
+        }
+    }
+    c.set("group.id", cfg.group.trim());
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    Ok(c)
+}
+
+/// The effective producer configuration (dead-letter sink, `spoke produce`).
+pub fn producer_config(cfg: &KafkaConfig) -> Result<ClientConfig> {
+    let mut c = base_config(cfg)?;
+    c.set("acks", "all");
+    c.set("linger.ms", "5");
+    for (k, v) in &cfg.client {
+        if !CONSUMER_ONLY.contains(&k.as_str()) {
+            c.set(k, v);
+        }
+    }
+    for (k, v) in &cfg.producer {
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+fn parse_ms(c: &ClientConfig, key: &str, default: u64) -> u64 {
+    c.get(key)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(default)
+}
+
+/// Log at most once per `every` (per call site), so outages do not flood the log.
+struct RateLimit {
+    last: Mutex<Option<Instant>>,
+    every: Duration,
+}
+
+impl RateLimit {
+    fn new(every: Duration) -> Self {
+        Self {
+            last: Mutex::new(None),
+            every,
+        }
+    }
+    fn ready(&self) -> bool {
+        let mut l = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if l.is_none_or(|t| now.duration_since(t) >= self.every) {
+            *l = Some(now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+type Tp = (String, i32);
+
+/// Per assigned partition.
+struct PartState {
+    /// Generation of this assignment; records polled under another one are stale.
+    epoch: u64,
+    /// Next offset after the last record handed to the pipeline.
+    delivered_next: Option<i64>,
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<Tp, PartState>,
+    /// Partitions being revoked: still committable until the rebalance completes.
+    revoking: HashSet<Tp>,
+    epoch: u64,
+    /// Offsets of the latest durable snapshot: the resumed one, then each one the pipeline
+    /// commits.
+    resume: Offsets,
+    /// Items the polling thread could not put into the full channel yet, in order.
+    overflow: VecDeque<Msg>,
+}
+
+enum Msg {
+    Record(SourceRecord, u64),
+    Revoked(Vec<Tp>, oneshot::Sender<()>),
+    Fatal(String),
+}
+
+struct Shared {
+    tx: mpsc::Sender<Msg>,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+    closing: AtomicBool,
+    stop: AtomicBool,
+    /// Pause requested by the pipeline.
+    paused_external: AtomicBool,
+    /// Pause currently applied to the consumer.
+    paused_applied: AtomicBool,
+    revoke_timeout: Duration,
+    error_log: RateLimit,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count_error(&self, what: &str, err: &dyn std::fmt::Display) {
+        self.metrics
+            .source_errors
+            .with_label_values(&["kafka"])
+            .inc();
+        if self.error_log.ready() {
+            tracing::warn!("Kafka {what}: {err} (retrying; further errors counted in spoke_source_errors_total).");
+        }
+    }
+
+    /// Move queued overflow items into the channel while it has room.
+    fn drain_overflow(&self) {
+        let mut st = self.lock();
+        while let Some(m) = st.overflow.pop_front() {
+            match self.tx.try_send(m) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    st.overflow.push_front(m);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    st.overflow.clear();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// librdkafka callbacks (run on the polling thread, or librdkafka's own threads for logs).
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        log_librdkafka(level, fac, msg);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.count_error("client error", &format!("{error}: {reason}"));
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        // Lag = high watermark - next offset the pipeline gets, never negative. Parsed leniently:
+        // some Kafka-compatible brokers report odd watermarks or omit fields.
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(statistics) else {
+            return;
+        };
+        let st = self.shared.lock();
+        for ((topic, p), ps) in &st.parts {
+            let part = &v["topics"][topic.as_str()]["partitions"][p.to_string().as_str()];
+            let hi = part["hi_offset"].as_i64().unwrap_or(-1);
+            let pos = ps
+                .delivered_next
+                .or_else(|| part["app_offset"].as_i64().filter(|o| *o >= 0))
+                .or_else(|| part["committed_offset"].as_i64().filter(|o| *o >= 0));
+            if let (true, Some(pos)) = (hi >= 0, pos) {
+                self.shared
+                    .metrics
+                    .kafka_lag
+                    .with_label_values(&[topic.as_str(), &p.to_string()])
+                    .set((hi - pos).max(0));
+            }
+        }
+    }
+}
+
+fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, msg: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(target: "rdkafka", "librdkafka {fac}: {msg}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "rdkafka", "librdkafka {fac}: {msg}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "rdkafka", "librdkafka {fac}: {msg}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "rdkafka", "librdkafka {fac}: {msg}"),
+    }
+}
+
+fn tpl_parts(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl, cooperative)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, tpl, cooperative)
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                self.shared
+                    .metrics
+                    .kafka_rebalances
+                    .with_label_values(&["error"])
+                    .inc();
+                self.shared.count_error("rebalance error", &code);
+                // As librdkafka's default handler does: drop the assignment.
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    self.shared.count_error("unassign after a rebalance error", &e);
+                }
+                let mut st = self.shared.lock();
+                st.parts.clear();
+            }
+        }
+    }
+}
+
+impl Ctx {
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList, coop: bool) {
+        let sh = &self.shared;
+        sh.metrics
+            .kafka_rebalances
+            .with_label_values(&["assign"])
+            .inc();
+        let parts = tpl_parts(tpl);
+        // Partitions the resumed snapshot knows: start at max(snapshot, committed).
+        let resume = sh.lock().resume.clone();
+        let known: Vec<(Tp, i64)> = parts
+            .iter()
+            .filter_map(|(t, p)| resume.get(t, *p).map(|o| ((t.clone(), *p), o)))
+            .collect();
+        let mut starts: Vec<(Tp, i64, &'static str)> = vec![];
+        if !known.is_empty() {
+            let mut q = TopicPartitionList::new();
+            for ((t, p), _) in &known {
+                q.add_partition(t, *p);
+            }
+            let committed = match consumer.committed_offsets(q, Duration::from_secs(10)) {
+                Ok(c) => c.to_topic_map(),
+                Err(e) => {
+                    sh.count_error(
+                        "reading committed offsets on assignment (using the snapshot's)",
+                        &e,
+                    );
+                    HashMap::new()
+                }
+            };
+            for ((t, p), snap) in known {
+                let com = match committed.get(&(t.clone(), p)) {
+                    Some(Offset::Offset(o)) => Some(*o),
+                    _ => None,
+                };
+                let (start, why) = match com {
+                    Some(c) if c > snap => (c, "group's committed offset, ahead of the snapshot"),
+                    _ => (snap, "snapshot"),
+                };
+                if let Err(e) = tpl.set_partition_offset(&t, p, Offset::Offset(start)) {
+                    sh.count_error("setting a start offset", &e);
+                }
+                starts.push(((t, p), start, why));
+            }
+        }
+        let r = if coop {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
+        };
+        if let Err(e) = r {
+            sh.count_error("assigning partitions", &e);
+        }
+        {
+            let mut st = sh.lock();
+            for tp in &parts {
+                st.epoch += 1;
+                let epoch = st.epoch;
+                st.revoking.remove(tp);
+                st.parts.insert(
+                    tp.clone(),
+                    PartState {
+                        epoch,
+                        delivered_next: None,
+                    },
+                );
+            }
+        }
+        // librdkafka keeps a partition's pause flag across unassign/assign, so set it
+        // explicitly either way.
+        let r = if sh.paused_applied.load(Ordering::SeqCst) {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(e) = r {
+            sh.count_error("pausing/resuming newly assigned partitions", &e);
+        }
+        let described: Vec<String> = parts
+            .iter()
+            .map(|(t, p)| {
+                match starts.iter().find(|(tp, _, _)| tp.0 == *t && tp.1 == *p) {
+                    Some((_, o, why)) => format!("{t}/{p}@{o} ({why})"),
+                    None => format!("{t}/{p} (committed offset, else auto.offset.reset)"),
+                }
+            })
+            .collect();
+        tracing::info!("Kafka partitions assigned: {}.", described.join(", "));
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList, coop: bool) {
+        let sh = &self.shared;
+        let lost = consumer.assignment_lost();
+        sh.metrics
+            .kafka_rebalances
+            .with_label_values(&[if lost { "lost" } else { "revoke" }])
+            .inc();
+        let parts = tpl_parts(tpl);
+        let closing = sh.closing.load(Ordering::SeqCst);
+        // Make queued records of these partitions stale, then queue the revocation behind
+        // the records already handed over.
+        let ack_rx = {
+            let mut st = sh.lock();
+            for tp in &parts {
+                st.parts.remove(tp);
+                if !lost {
+                    st.revoking.insert(tp.clone());
+                }
+            }
+            st.overflow.retain(|m| match m {
+                Msg::Record(r, _) => !parts
+                    .iter()
+                    .any(|(t, p)| *t == r.position.stream && *p == r.position.partition),
+                _ => true,
+            });
+            if closing {
+                None
+            } else {
+                let (ack_tx, ack_rx) = oneshot::channel();
+                st.overflow.push_back(Msg::Revoked(parts.clone(), ack_tx));
+                Some(ack_rx)
+            }
+        };
+        for (t, p) in &parts {
+            let _ = sh
+                .metrics
+                .kafka_lag
+                .remove_label_values(&[t.as_str(), &p.to_string()]);
+        }
+        if let Some(mut ack_rx) = ack_rx {
+            let deadline = Instant::now() + sh.revoke_timeout;
+            tracing::info!(
+                "Kafka partitions revoked{}: {:?}; waiting for the pipeline to snapshot and commit.",
+                if lost { " (assignment lost)" } else { "" },
+                parts
+            );
+            loop {
+                sh.drain_overflow();
+                match ack_rx.try_recv() {
+                    Ok(()) => break,
+                    Err(oneshot::error::TryRecvError::Closed) => break,
+                    Err(oneshot::error::TryRecvError::Empty) => {}
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        "The pipeline did not acknowledge the revocation of {:?} within {:?}; letting the rebalance proceed (events of these partitions in flight may be trained again by their new owner).",
+                        parts,
+                        sh.revoke_timeout
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let r = if coop {
+            consumer.incremental_unassign(tpl)
+        } else {
+            consumer.unassign()
+        };
+        if let Err(e) = r {
+            sh.count_error("unassigning partitions", &e);
+        }
+        let mut st = sh.lock();
+        for tp in &parts {
+            st.revoking.remove(tp);
+        }
+    }
+}
+
+type KConsumer = BaseConsumer<Ctx>;
+
+/// The Kafka consumer-group source.
+pub struct KafkaSource {
+    cfg: KafkaConfig,
+    consumer: Option<Arc<KConsumer>>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Msg>,
+    /// Records set aside while paused (control items are still delivered).
+    held: VecDeque<Msg>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    poll_interval: Duration,
+}
 
 /// Build the Kafka consumer-group source.
 pub fn build_source(
-    _cfg: &KafkaConfig,
-    _metrics: Arc<Metrics>,
+    cfg: &KafkaConfig,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Box<dyn super::Source>> {
-    anyhow::bail!("the Kafka source is not implemented yet")
+    Ok(Box::new(KafkaSource::new(cfg, metrics)?))
+}
+
+impl KafkaSource {
+    pub fn new(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<Self> {
+        let cc = consumer_config(cfg)?;
+        let session = parse_ms(&cc, "session.timeout.ms", 45_000);
+        let max_poll = parse_ms(&cc, "max.poll.interval.ms", 300_000);
+        let revoke_timeout = if cfg.revoke_timeout_ms > 0 {
+            Duration::from_millis(cfg.revoke_timeout_ms)
+        } else {
+            Duration::from_millis(session.min(max_poll) * 4 / 5)
+        };
+        let cap = cfg.queue_capacity.max(1);
+        let (tx, rx) = mpsc::channel(cap);
+        let shared = Arc::new(Shared {
+            tx,
+            state: Mutex::new(State::default()),
+            metrics,
+            closing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            paused_external: AtomicBool::new(false),
+            paused_applied: AtomicBool::new(false),
+            revoke_timeout,
+            error_log: RateLimit::new(Duration::from_secs(5)),
+        });
+        let consumer: KConsumer = cc
+            .create_with_context(Ctx {
+                shared: shared.clone(),
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "creating the Kafka consumer (kafka.brokers/kafka.client): {}",
+                    mask_values(&e.to_string(), cfg)
+                )
+            })?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            consumer: Some(Arc::new(consumer)),
+            shared,
+            rx,
+            held: VecDeque::new(),
+            thread: None,
+            poll_interval: Duration::from_millis(100),
+        })
+    }
+
+    fn consumer(&self) -> Result<&Arc<KConsumer>> {
+        self.consumer
+            .as_ref()
+            .ok_or_else(|| anyhow!("the Kafka consumer is closed"))
+    }
+
+    /// Partitions currently owned (assigned or being revoked).
+    pub fn owned_partitions(&self) -> Vec<(String, i32)> {
+        let st = self.shared.lock();
+        let mut v: Vec<Tp> = st.parts.keys().chain(st.revoking.iter()).cloned().collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// A record still belongs to the current assignment of its partition.
+    fn fresh(&self, r: &SourceRecord, epoch: u64) -> bool {
+        let mut st = self.shared.lock();
+        match st
+            .parts
+            .get_mut(&(r.position.stream.clone(), r.position.partition))
+        {
+            Some(ps) if ps.epoch == epoch => {
+                ps.delivered_next = Some(r.position.offset + 1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn item(&mut self, m: Msg) -> Result<Option<SourceItem>> {
+        Ok(match m {
+            Msg::Record(r, epoch) => {
+                if self.fresh(&r, epoch) {
+                    Some(SourceItem::Record(r))
+                } else {
+                    None
+                }
+            }
+            Msg::Revoked(partitions, ack) => Some(SourceItem::Revoked {
+                partitions,
+                ack: Some(ack),
+            }),
+            Msg::Fatal(e) => bail!("Kafka consumer failed: {e}"),
+        })
+    }
+}
+
+fn poll_loop(consumer: Arc<KConsumer>, shared: Arc<Shared>, capacity: usize) {
+    let mut backoff = Duration::ZERO;
+    let mut internal = false;
+    while !shared.stop.load(Ordering::SeqCst) {
+        shared.drain_overflow();
+        // Backpressure: pause when the hand-over queue is full, resume at half.
+        let free = shared.tx.capacity();
+        let overflow = !shared.lock().overflow.is_empty();
+        if !internal && (free == 0 || overflow) {
+            internal = true;
+        } else if internal && !overflow && free >= capacity.div_ceil(2) {
+            internal = false;
+        }
+        let want = internal || shared.paused_external.load(Ordering::SeqCst);
+        if want != shared.paused_applied.load(Ordering::SeqCst) {
+            match consumer.assignment() {
+                Ok(a) => {
+                    let r = if want {
+                        consumer.pause(&a)
+                    } else {
+                        consumer.resume(&a)
+                    };
+                    match r {
+                        Ok(()) => {
+                            shared.paused_applied.store(want, Ordering::SeqCst);
+                            shared.metrics.kafka_paused.set(i64::from(
+                                shared.paused_external.load(Ordering::SeqCst) || want,
+                            ));
+                        }
+                        Err(e) => shared.count_error("pausing/resuming partitions", &e),
+                    }
+                }
+                Err(e) => shared.count_error("reading the assignment", &e),
+            }
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => backoff = Duration::ZERO,
+            Some(Ok(m)) => {
+                backoff = Duration::ZERO;
+                let topic = m.topic().to_string();
+                let partition = m.partition();
+                let epoch = match shared.lock().parts.get(&(topic.clone(), partition)) {
+                    Some(ps) => ps.epoch,
+                    None => continue, // not (or no longer) ours: the owner reads it
+                };
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let rec = SourceRecord {
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    headers,
+                    position: Position {
+                        stream: topic,
+                        partition,
+                        offset: m.offset(),
+                    },
+                };
+                let mut st = shared.lock();
+                if st.overflow.is_empty() {
+                    match shared.tx.try_send(Msg::Record(rec, epoch)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(msg)) => st.overflow.push_back(msg),
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                } else {
+                    st.overflow.push_back(Msg::Record(rec, epoch));
+                }
+            }
+            Some(Err(e)) => {
+                let fatal = matches!(e, KafkaError::MessageConsumptionFatal(_));
+                if fatal {
+                    let reason = consumer
+                        .client()
+                        .fatal_error()
+                        .map(|(c, s)| format!("{c}: {s}"))
+                        .unwrap_or_else(|| e.to_string());
+                    let _ = shared.tx.blocking_send(Msg::Fatal(reason));
+                    break;
+                }
+                shared.count_error("consume error", &e);
+                backoff = (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                std::thread::sleep(backoff);
+            }
+        }
+    }
+    // Revocations from here on do not wait for the pipeline; dropping the last reference
+    // to the consumer leaves the group (rdkafka closes the queue and polls until closed).
+    shared.closing.store(true, Ordering::SeqCst);
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn start(&mut self, resume: &Offsets) -> Result<()> {
+        if self.thread.is_some() {
+            bail!("the Kafka source was started twice");
+        }
+        self.shared.lock().resume = resume.clone();
+        let consumer = self.consumer()?.clone();
+        let topics: Vec<&str> = self.cfg.topics.iter().map(|t| t.trim()).collect();
+        consumer
+            .subscribe(&topics)
+            .with_context(|| format!("subscribing to kafka.topics {:?}", self.cfg.topics))?;
+        tracing::info!(
+            "Kafka consumer: group {:?}, topics {:?}, brokers {}.",
+            self.cfg.group,
+            self.cfg.topics,
+            self.cfg.brokers
+        );
+        let shared = self.shared.clone();
+        let cap = self.cfg.queue_capacity.max(1);
+        self.thread = Some(
+            std::thread::Builder::new()
+                .name("spoke-kafka-poll".into())
+                .spawn(move || poll_loop(consumer, shared, cap))
+                .context("spawning the Kafka polling thread")?,
+        );
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<Option<SourceItem>> {
+        loop {
+            if self.shared.paused_external.load(Ordering::SeqCst) {
+                // Paused: hold records back, but still deliver revocations (the pipeline must
+                // answer them) and failures.
+                loop {
+                    match self.rx.try_recv() {
+                        Ok(Msg::Record(r, e)) => self.held.push_back(Msg::Record(r, e)),
+                        Ok(m) => {
+                            if let Some(item) = self.item(m)? {
+                                return Ok(Some(item));
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(self.poll_interval).await;
+                return Ok(Some(SourceItem::Idle));
+            }
+            if let Some(m) = self.held.pop_front() {
+                if let Some(item) = self.item(m)? {
+                    return Ok(Some(item));
+                }
+                continue;
+            }
+            match tokio::time::timeout(self.poll_interval, self.rx.recv()).await {
+                Err(_) => return Ok(Some(SourceItem::Idle)),
+                Ok(None) => {
+                    if self.thread.is_none() {
+                        bail!("the Kafka source was not started");
+                    }
+                    bail!("the Kafka polling thread stopped unexpectedly");
+                }
+                Ok(Some(m)) => {
+                    if let Some(item) = self.item(m)? {
+                        return Ok(Some(item));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn commit(&mut self, offsets: &Offsets) -> Result<()> {
+        let consumer = self.consumer()?.clone();
+        let mut tpl = TopicPartitionList::new();
+        let mut entries = vec![];
+        let mut skipped = vec![];
+        {
+            let mut st = self.shared.lock();
+            for (t, p, o) in offsets.iter() {
+                // These offsets are in a durable snapshot now: if the commit below fails
+                // (e.g. the assignment was lost in an outage), a later assignment of the
+                // partition still starts no earlier than this.
+                if st.resume.get(t, p).is_none_or(|r| r < o) {
+                    st.resume.set(t, p, o);
+                }
+                let tp = (t.to_string(), p);
+                if st.parts.contains_key(&tp) || st.revoking.contains(&tp) {
+                    tpl.add_partition_offset(t, p, Offset::Offset(o))
+                        .with_context(|| format!("commit offset {t}/{p}@{o}"))?;
+                    entries.push((t.to_string(), p, o));
+                } else {
+                    skipped.push(format!("{t}/{p}"));
+                }
+            }
+        }
+        if !skipped.is_empty() {
+            tracing::debug!("Not committing partitions this member does not own: {skipped:?}.");
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let c = consumer.clone();
+            let t = tpl.clone();
+            let r = tokio::task::spawn_blocking(move || c.commit(&t, CommitMode::Sync))
+                .await
+                .context("Kafka commit task panicked")?;
+            match r {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    self.shared.count_error("offset commit", &e);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    // The snapshot holds these offsets (a restart resumes from it); the group
+                    // catches up at the next commit.
+                    self.shared.count_error("offset commit (giving up for now)", &e);
+                    tracing::warn!("Kafka offset commit failed after {attempt} attempts: {e}; the durable snapshot still records the offsets.");
+                    return Ok(());
+                }
+            }
+        }
+        for (t, p, o) in entries {
+            self.shared
+                .metrics
+                .kafka_committed_offset
+                .with_label_values(&[t.as_str(), &p.to_string()])
+                .set(o);
+        }
+        Ok(())
+    }
+
+    async fn set_paused(&mut self, paused: bool) -> Result<()> {
+        self.shared.paused_external.store(paused, Ordering::SeqCst);
+        self.shared
+            .metrics
+            .kafka_paused
+            .set(i64::from(paused || self.shared.paused_applied.load(Ordering::SeqCst)));
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Unblock a revocation that may wait for an answer nobody will give.
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+        self.held.clear();
+        if let Some(h) = self.thread.take() {
+            tokio::task::spawn_blocking(move || h.join())
+                .await
+                .context("joining the Kafka polling thread")?
+                .map_err(|_| anyhow!("the Kafka polling thread panicked"))?;
+        }
+        if let Some(c) = self.consumer.take() {
+            tokio::task::spawn_blocking(move || drop(c))
+                .await
+                .context("closing the Kafka consumer")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Producer callbacks: librdkafka logs go to tracing.
+pub struct ProducerCtx;
+
+impl ClientContext for ProducerCtx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        log_librdkafka(level, fac, msg);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "rdkafka", "Kafka producer: {error}: {reason}");
+    }
+}
+
+/// Create a producer from the `[kafka]` settings.
+pub fn create_producer(cfg: &KafkaConfig) -> Result<FutureProducer<ProducerCtx>> {
+    producer_config(cfg)?
+        .create_with_context(ProducerCtx)
+        .map_err(|e| {
+            anyhow!(
+                "creating the Kafka producer (kafka.brokers/kafka.client): {}",
+                mask_values(&e.to_string(), cfg)
+            )
+        })
+}
+
+/// Enqueue one record, waiting while librdkafka's queue is full.
+pub async fn send_with_retry(
+    producer: &FutureProducer<ProducerCtx>,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture> {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, r)) => bail!("producing to topic {}: {e}", r.topic),
+        }
+    }
+}
+
+/// Wait for one delivery report.
+pub async fn await_delivery(f: DeliveryFuture, topic: &str) -> Result<(i32, i64)> {
+    match f.await {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, _))) => bail!("delivery to topic {topic} failed: {e}"),
+        Err(_) => bail!("delivery to topic {topic} was cancelled (producer closed)"),
+    }
+}
+
+/// Header names on dead-lettered records.
+pub const HEADER_ERROR: &str = "spoke.error";
+pub const HEADER_TOPIC: &str = "spoke.source.topic";
+pub const HEADER_PARTITION: &str = "spoke.source.partition";
+pub const HEADER_OFFSET: &str = "spoke.source.offset";
+
+/// Dead letters to a Kafka topic: the original key, value and headers, plus `spoke.error`
+/// (the reason) and `spoke.source.{topic,partition,offset}`.
+pub struct KafkaDeadLetters {
+    producer: FutureProducer<ProducerCtx>,
+    topic: String,
+    pending: VecDeque<DeliveryFuture>,
+    metrics: Arc<Metrics>,
 }
 
 /// Build the dead-letter topic sink.
 pub fn build_dead_letters(
-    _cfg: &KafkaConfig,
-    _metrics: Arc<Metrics>,
+    cfg: &KafkaConfig,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Box<dyn super::DeadLetterSink>> {
-    anyhow::bail!("the Kafka dead-letter sink is not implemented yet")
+    Ok(Box::new(KafkaDeadLetters::new(cfg, metrics)?))
+}
+
+impl KafkaDeadLetters {
+    pub fn new(cfg: &KafkaConfig, metrics: Arc<Metrics>) -> Result<Self> {
+        if cfg.dead_letter_topic.trim().is_empty() {
+            bail!("kafka.dead_letter_topic: must not be empty for the Kafka dead-letter sink");
+        }
+        Ok(Self {
+            producer: create_producer(cfg)?,
+            topic: cfg.dead_letter_topic.trim().to_string(),
+            pending: VecDeque::new(),
+            metrics,
+        })
+    }
+}
+
+#[async_trait]
+impl DeadLetterSink for KafkaDeadLetters {
+    async fn send(&mut self, record: &SourceRecord, reason: &str) -> Result<()> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 4);
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let partition = record.position.partition.to_string();
+        let offset = record.position.offset.to_string();
+        for (k, v) in [
+            (HEADER_ERROR, reason),
+            (HEADER_TOPIC, record.position.stream.as_str()),
+            (HEADER_PARTITION, partition.as_str()),
+            (HEADER_OFFSET, offset.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
+            .payload(record.payload.as_slice())
+            .headers(headers);
+        if let Some(k) = &record.key {
+            fr = fr.key(k.as_slice());
+        }
+        let f = send_with_retry(&self.producer, fr).await?;
+        self.pending.push_back(f);
+        // Bound the number of outstanding deliveries.
+        if self.pending.len() >= 10_000 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        while let Some(f) = self.pending.pop_front() {
+            if let Err(e) = await_delivery(f, &self.topic).await {
+                self.metrics
+                    .source_errors
+                    .with_label_values(&["kafka"])
+                    .inc();
+                return Err(e.context("dead-letter topic (kafka.dead_letter_topic)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_masks_client_values() {
+        let mut cfg = KafkaConfig::default();
+        cfg.client
+            .insert("sasl.password".into(), "hunter2-secret".into());
+        let s = format!("{cfg:?}");
+        assert!(s.contains("sasl.password=***"), "{s}");
+        assert!(!s.contains("hunter2"), "{s}");
+        assert_eq!(
+            mask_values("bad value hunter2-secret for x", &cfg),
+            "bad value *** for x"
+        );
+    }
+
+    #[test]
+    fn consumer_config_owns_offset_semantics() {
+        let mut cfg = KafkaConfig::default();
+        cfg.client
+            .insert("enable.auto.commit".into(), "true".into());
+        cfg.client
+            .insert("session.timeout.ms".into(), "6000".into());
+        cfg.client.insert("linger.ms".into(), "50".into());
+        cfg.consumer
+            .insert("auto.offset.reset".into(), "latest".into());
+        let c = consumer_config(&cfg).unwrap();
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("spoke"));
+        assert_eq!(c.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(c.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(c.get("linger.ms"), None);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("16384"));
+        let p = producer_config(&cfg).unwrap();
+        assert_eq!(p.get("session.timeout.ms"), None);
+        assert_eq!(p.get("linger.ms"), Some("50"));
+        assert_eq!(p.get("acks"), Some("all"));
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let mut cfg = KafkaConfig::default();
+        cfg.group = " ".into();
+        let e = consumer_config(&cfg).unwrap_err().to_string();
+        assert!(e.contains("kafka.group"), "{e}");
+        let mut cfg = KafkaConfig::default();
+        cfg.topics.clear();
+        let e = consumer_config(&cfg).unwrap_err().to_string();
+        assert!(e.contains("kafka.topics"), "{e}");
+        let mut cfg = KafkaConfig::default();
+        cfg.brokers = String::new();
+        let e = producer_config(&cfg).unwrap_err().to_string();
+        assert!(e.contains("kafka.brokers"), "{e}");
+    }
 }
