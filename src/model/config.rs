@@ -63,6 +63,9 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// Mistral / Qwen2 sliding-window attention (None: full causal attention).
     pub sliding_window: Option<usize>,
+    /// Layers with index >= this use the sliding window (Mistral: 0; Qwen2:
+    /// `max_window_layers`, as in transformers).
+    pub sliding_from_layer: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
@@ -227,6 +230,10 @@ impl LlamaConfig {
             Arch::Mistral => (false, false, false),
             Arch::Qwen2 => (true, false, false),
         };
+        let sliding_from_layer = match arch {
+            Arch::Qwen2 => opt_usize(v, "max_window_layers", file)?.unwrap_or(28),
+            _ => 0,
+        };
         let sliding_window = match arch {
             Arch::Llama => None,
             Arch::Mistral => opt_usize(v, "sliding_window", file)?,
@@ -260,6 +267,7 @@ impl LlamaConfig {
             o_bias,
             mlp_bias,
             sliding_window,
+            sliding_from_layer,
             bos_token_id: opt_token_id(v, "bos_token_id"),
             eos_token_id: opt_token_id(v, "eos_token_id"),
             pad_token_id: opt_token_id(v, "pad_token_id"),
@@ -361,6 +369,10 @@ mod tests {
         q["sliding_window"] = 4096.into();
         let c = LlamaConfig::from_json(&q, "t").unwrap();
         assert!(c.qkv_bias && !c.o_bias && c.sliding_window.is_none());
+        q["use_sliding_window"] = true.into();
+        q["max_window_layers"] = 1.into();
+        let c = LlamaConfig::from_json(&q, "t").unwrap();
+        assert_eq!((c.sliding_window, c.sliding_from_layer), (Some(4096), 1));
         let mut m = base();
         m["model_type"] = "mistral".into();
         m["sliding_window"] = 4096.into();
