@@ -230,10 +230,24 @@ impl LlamaConfig {
             Arch::Mistral => (false, false, false),
             Arch::Qwen2 => (true, false, false),
         };
-        let sliding_from_layer = match arch {
+        let mut sliding_from_layer = match arch {
             Arch::Qwen2 => opt_usize(v, "max_window_layers", file)?.unwrap_or(28),
             _ => 0,
         };
+        // transformers 5 may spell the per-layer choice out as `layer_types`.
+        if let Some(types) = get(v, "layer_types").and_then(|x| x.as_array()) {
+            let sliding: Vec<bool> = types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect();
+            let first = sliding.iter().position(|s| *s).unwrap_or(sliding.len());
+            if sliding[first..].iter().any(|s| !s) {
+                bail!(
+                    "{file}: `layer_types` mixes full and sliding attention in an order spoke                      does not support (full layers first, then sliding ones)"
+                );
+            }
+            sliding_from_layer = first;
+        }
         let sliding_window = match arch {
             Arch::Llama => None,
             Arch::Mistral => opt_usize(v, "sliding_window", file)?,
