@@ -318,3 +318,51 @@ fn gradients_match_finite_differences() {
         );
     }
 }
+
+/// Right-padded batches give the numbers of single sequences for every family member
+/// (biases, tied embeddings, sliding window), and a window at least as long as the sequence
+/// changes nothing while a short one does.
+#[test]
+fn batched_equals_single_for_each_architecture() {
+    let root = tempfile::tempdir().unwrap();
+    let prompts: Vec<&str> = PROMPTS.iter().chain(PROMPTS.iter()).copied().collect();
+    let resp: Vec<&str> = REJECTED.iter().chain(CHOSEN.iter()).copied().collect();
+    for (arch, tied) in [("llama", false), ("qwen2", true), ("mistral", false)] {
+        let dir = make_model(root.path(), arch, tied);
+        let p = load(&dir, TrainMode::Full, 0.0);
+        let (batched, _) = p.score(&prompts, &resp, false).unwrap();
+        for i in 0..prompts.len() {
+            let (single, _) = p.score(&[prompts[i]], &[resp[i]], false).unwrap();
+            assert!(
+                (single[0] - batched[i]).abs() < 1e-4,
+                "{arch}: case {i} single {} batched {}",
+                single[0],
+                batched[i]
+            );
+        }
+    }
+    // Mistral: window 6 (set by small_config) vs a window longer than any sequence.
+    let short = make_model(root.path(), "mistral", false);
+    let long = root.path().join("mistral-long");
+    let mut c = small_config("mistral", false);
+    c["sliding_window"] = 4096.into();
+    tiny::write_model_dir(&long, &c, tiny::TOKENIZER_JSON, 11).unwrap();
+    let llama = make_model(root.path(), "llama", false);
+    let a = load(&short, TrainMode::Full, 0.0)
+        .score(&PROMPTS, &CHOSEN, false)
+        .unwrap()
+        .0;
+    let b = load(&long, TrainMode::Full, 0.0)
+        .score(&PROMPTS, &CHOSEN, false)
+        .unwrap()
+        .0;
+    let c = load(&llama, TrainMode::Full, 0.0)
+        .score(&PROMPTS, &CHOSEN, false)
+        .unwrap()
+        .0;
+    assert_eq!(
+        b, c,
+        "a window longer than the sequence is plain causal attention"
+    );
+    assert!(a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-4));
+}

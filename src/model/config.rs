@@ -63,6 +63,9 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// Mistral / Qwen2 sliding-window attention (None: full causal attention).
     pub sliding_window: Option<usize>,
+    /// Layers with index >= this use the sliding window (Mistral: 0; Qwen2:
+    /// `max_window_layers`, as in transformers).
+    pub sliding_from_layer: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
@@ -227,6 +230,24 @@ impl LlamaConfig {
             Arch::Mistral => (false, false, false),
             Arch::Qwen2 => (true, false, false),
         };
+        let mut sliding_from_layer = match arch {
+            Arch::Qwen2 => opt_usize(v, "max_window_layers", file)?.unwrap_or(28),
+            _ => 0,
+        };
+        // transformers 5 may spell the per-layer choice out as `layer_types`.
+        if let Some(types) = get(v, "layer_types").and_then(|x| x.as_array()) {
+            let sliding: Vec<bool> = types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect();
+            let first = sliding.iter().position(|s| *s).unwrap_or(sliding.len());
+            if sliding[first..].iter().any(|s| !s) {
+                bail!(
+                    "{file}: `layer_types` mixes full and sliding attention in an order spoke                      does not support (full layers first, then sliding ones)"
+                );
+            }
+            sliding_from_layer = first;
+        }
         let sliding_window = match arch {
             Arch::Llama => None,
             Arch::Mistral => opt_usize(v, "sliding_window", file)?,
@@ -260,6 +281,7 @@ impl LlamaConfig {
             o_bias,
             mlp_bias,
             sliding_window,
+            sliding_from_layer,
             bos_token_id: opt_token_id(v, "bos_token_id"),
             eos_token_id: opt_token_id(v, "eos_token_id"),
             pad_token_id: opt_token_id(v, "pad_token_id"),
@@ -361,6 +383,10 @@ mod tests {
         q["sliding_window"] = 4096.into();
         let c = LlamaConfig::from_json(&q, "t").unwrap();
         assert!(c.qkv_bias && !c.o_bias && c.sliding_window.is_none());
+        q["use_sliding_window"] = true.into();
+        q["max_window_layers"] = 1.into();
+        let c = LlamaConfig::from_json(&q, "t").unwrap();
+        assert_eq!((c.sliding_window, c.sliding_from_layer), (Some(4096), 1));
         let mut m = base();
         m["model_type"] = "mistral".into();
         m["sliding_window"] = 4096.into();

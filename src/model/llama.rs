@@ -228,8 +228,10 @@ pub struct Batch {
     pub l: usize,
     /// `[b * l]` u32 token ids (padding: 0).
     pub ids: Tensor,
-    /// `[b, 1, 1, l, l]` additive mask (0 or -inf), in f32.
+    /// `[b, 1, 1, l, l]` additive causal + key-padding mask (0 or -inf), in f32.
     pub mask: Tensor,
+    /// The same with the sliding window, for layers that use it (None: not needed).
+    pub mask_window: Option<Tensor>,
     /// `[l, head_dim]` rotary cos / sin.
     pub cos: Tensor,
     pub sin: Tensor,
@@ -264,6 +266,12 @@ impl Batch {
             .unwrap_or(0);
         let mut ids = vec![0u32; b * l];
         let mut mask = vec![f32::NEG_INFINITY; b * l * l];
+        // A separate sliding-window mask only when some layer uses it and it matters here.
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        let mut mask_window = (cfg.sliding_window.is_some()
+            && cfg.sliding_from_layer < cfg.num_hidden_layers
+            && l > window)
+            .then(|| vec![f32::NEG_INFINITY; b * l * l]);
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         let mut owner = Vec::new();
@@ -283,18 +291,21 @@ impl Batch {
             }
             for i in 0..len {
                 for j in 0..=i {
-                    if let Some(w) = cfg.sliding_window {
-                        if i - j >= w {
-                            continue;
+                    mask[(bi * l + i) * l + j] = 0.0;
+                    if let Some(mw) = &mut mask_window {
+                        if i - j < window {
+                            mw[(bi * l + i) * l + j] = 0.0;
                         }
                     }
-                    mask[(bi * l + i) * l + j] = 0.0;
                 }
             }
             // Padding queries are never read; let them attend to the first token so that no
             // softmax row is empty (an all -inf row would give NaN, also in the backward pass).
             for i in len..l {
                 mask[(bi * l + i) * l] = 0.0;
+                if let Some(mw) = &mut mask_window {
+                    mw[(bi * l + i) * l] = 0.0;
+                }
             }
             let k = s.n_scored.min(len.saturating_sub(1));
             for p in len - k..len {
@@ -330,6 +341,9 @@ impl Batch {
             l,
             ids: Tensor::from_vec(ids, b * l, device)?,
             mask: Tensor::from_vec(mask, (b, 1, 1, l, l), device)?,
+            mask_window: mask_window
+                .map(|m| Tensor::from_vec(m, (b, 1, 1, l, l), device))
+                .transpose()?,
             cos: Tensor::from_vec(cos, (l, hd), device)?,
             sin: Tensor::from_vec(sin, (l, hd), device)?,
             rows: Tensor::from_vec(rows, m, device)?,
@@ -412,7 +426,11 @@ pub fn hidden_states(cfg: &LlamaConfig, w: &Weights, batch: &Batch, ctx: &Ctx) -
         // Query head j uses kv head j / rep: group the rep query heads of each kv head.
         let q = q.reshape((b, nkv, rep * l, hd))?;
         let s = q.matmul(&k.t()?)?.reshape((b, nkv, rep, l, l))?;
-        let s = s.to_dtype(DType::F32)?.broadcast_add(&batch.mask)?;
+        let mask = match &batch.mask_window {
+            Some(m) if li >= cfg.sliding_from_layer => m,
+            _ => &batch.mask,
+        };
+        let s = s.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let p = softmax_last(&s)?
             .to_dtype(dt)?
             .reshape((b, nkv, rep * l, l))?;

@@ -4,6 +4,26 @@
 //! The implementation is [`LmPolicy`]: a Llama-family causal LM (Llama 2/3, Mistral,
 //! Qwen2/2.5, SmolLM, TinyLlama) loaded from a Hugging Face directory, or the embedded tiny
 //! model ([`tiny`]), trained fully or through PEFT-compatible LoRA adapters.
+//!
+//! Conventions (those of the SPO paper's code and TRL):
+//! * log π(y|x): prompt and response are tokenized separately without special tokens and
+//!   concatenated; the log-softmax of every response token given all tokens before it is
+//!   summed. Prompts are truncated from the left at `max_prompt_tokens`, responses from the
+//!   right at `max_response_tokens`; an empty prompt is replaced by the BOS token when the
+//!   model has one. Parity with transformers: `tests/model_parity.rs` (1e-3 absolute).
+//! * One forward pass per call: all sequences right-padded into one batch with a causal +
+//!   key-padding (+ sliding-window) mask; logits only at the positions that predict response
+//!   tokens. Everything is built from differentiable candle primitives (candle's fused
+//!   softmax / rms_norm / rope / sdpa record no gradient).
+//! * The reference model is a frozen copy of the initial weights (full fine-tune) or the base
+//!   model without adapters (LoRA).
+//! * Exports: full fine-tune = an HF directory (`model.safetensors` under HF names plus
+//!   config.json, tokenizer files); LoRA = `adapter_model.safetensors` under PEFT names
+//!   (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, A `[r, in]`,
+//!   B `[out, r]`) and `adapter_config.json`. [`Policy::trainable`] uses the same names, so
+//!   [`Policy::load_trainable`] accepts exactly what [`Policy::export`] wrote.
+//! * Devices: `cpu` (f32) by default; `cuda:N` with the `cuda` cargo feature, with f32, bf16
+//!   or f16 weights (norms, softmax and log-probs are computed in f32).
 
 pub mod config;
 pub mod llama;
