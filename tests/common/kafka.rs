@@ -299,18 +299,28 @@ pub fn chain_head(data_dir: &Path) -> Option<String> {
 
 /// Snapshot names from the chain head back to the first snapshot.
 pub fn chain(data_dir: &Path) -> Vec<String> {
+    // A snapshot may be renamed into place while the directory is listed; list again then.
+    for _ in 0..20 {
+        if let Some(c) = try_chain(data_dir) {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let names: Vec<String> = manifests(data_dir).into_keys().collect();
+    panic!("broken snapshot chain in {}: {names:?}", data_dir.display());
+}
+
+fn try_chain(data_dir: &Path) -> Option<Vec<String>> {
     let ms = manifests(data_dir);
     let mut out = vec![];
     let mut cur = chain_head(data_dir);
     while let Some(n) = cur {
-        let m = ms
-            .get(&n)
-            .unwrap_or_else(|| panic!("snapshot {n} named as parent is missing"));
+        let m = ms.get(&n)?;
         out.push(n.clone());
         cur = m["parent"].as_str().map(str::to_string);
         assert!(out.len() < 1_000_000, "parent cycle");
     }
-    out
+    Some(out)
 }
 
 /// The per-event accounting along the snapshot chain.
