@@ -231,6 +231,7 @@ impl Config {
             }
         }
         self.optim.validate()?;
+        self.promote.validate()?;
         if !(self.objective.beta > 0.0 && self.objective.beta.is_finite()) {
             return Err(format!(
                 "objective.beta: must be > 0, got {}",

@@ -7,7 +7,8 @@ use crate::buffer::EventBuffer;
 use crate::config::{Config, SourceKind};
 use crate::learner::{EvalReport, Learner, StepReport};
 use crate::metrics::Metrics;
-use crate::snapshot::{EventRecord, SnapshotContent, SnapshotInfo, StepRecord};
+use crate::snapshot::writer::BackgroundWriter;
+use crate::snapshot::{Evaluation, EventRecord, SnapshotContent, SnapshotInfo, StepRecord};
 use crate::source::{
     decode_event, DeadLetterSink, FileDeadLetters, Offsets, Position, PreferenceEvent, Source,
     SourceItem,
@@ -212,6 +213,14 @@ pub async fn run_with(
         }
     }
     source.start(&resume_offsets).await?;
+    let mut writer = BackgroundWriter::with_promotion(
+        &data_dir,
+        cfg.snapshot.clone(),
+        Some(cfg.promote.clone()),
+    )?;
+    if let Some(r) = &summary.resumed_from {
+        writer.protect(r);
+    }
 
     let max_events = cfg.run.max_events;
     let batch_size = cfg.run.batch_size;
@@ -237,6 +246,8 @@ pub async fn run_with(
     let consumed_limit_reached = |seen: u64| -> bool { max_events > 0 && seen >= max_events };
 
     loop {
+        let done = writer.try_completed();
+        completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
         // 1. Train while a full batch is ready (or flush the remainder at the end).
         let finishing =
             source_done || consumed_limit_reached(events_seen) || shutdown.is_cancelled();
@@ -258,20 +269,20 @@ pub async fn run_with(
             if learner.step_count() >= last_snapshot_step + cfg.snapshot.every_steps {
                 eval = evaluate(&learner, &mut holdout, &metrics).await?;
                 dead.flush().await?;
-                let info = snapshot(
+                snapshot(
                     &cfg,
                     &learner,
                     &mut pending,
                     &tracker,
                     &buffer,
                     &mut accounted,
-                    &mut parent,
-                    &metrics,
+                    &parent,
+                    Some((&eval, &holdout)),
+                    &mut writer,
                 )?;
-                source.commit(&info.manifest.offsets).await?;
-                summary.snapshots_written += 1;
-                summary.last_snapshot = Some(info.path.clone());
                 last_snapshot_step = learner.step_count();
+                let done = writer.try_completed();
+                completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
                 if opts.progress {
                     eprintln!(
                         "step {:>6}  events {:>8}  loss {:.4}  held-out acc {}  drift {:.3}  snapshot {}",
@@ -280,7 +291,12 @@ pub async fn run_with(
                         last_report.as_ref().map(|r| r.loss).unwrap_or(f64::NAN),
                         if eval.n > 0 { format!("{:.3}", eval.accuracy) } else { "-".into() },
                         learner.link().drift().sup,
-                        info.name
+                        summary
+                            .last_snapshot
+                            .as_ref()
+                            .and_then(|p| p.file_name())
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_else(|| "(writing)".into())
                     );
                 }
             }
@@ -315,19 +331,19 @@ pub async fn run_with(
                 // snapshot is taken while the revoked partitions' untrained events are still
                 // buffered, so its offsets do not cover them; the new owner re-reads them.
                 dead.flush().await?;
-                let info = snapshot(
+                snapshot(
                     &cfg,
                     &learner,
                     &mut pending,
                     &tracker,
                     &buffer,
                     &mut accounted,
-                    &mut parent,
-                    &metrics,
+                    &parent,
+                    None,
+                    &mut writer,
                 )?;
-                source.commit(&info.manifest.offsets).await?;
-                summary.snapshots_written += 1;
-                summary.last_snapshot = Some(info.path);
+                let done = writer.wait_idle().await;
+                completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
                 last_snapshot_step = learner.step_count();
                 let dropped = buffer.drop_partitions(&partitions);
                 events_seen -= dropped as u64;
@@ -422,23 +438,23 @@ pub async fn run_with(
     };
     let need_final = learner.step_count() > last_snapshot_step
         || !pending.events.is_empty()
-        || summary.snapshots_written == 0;
+        || (summary.snapshots_written == 0 && writer.outstanding() == 0);
     if need_final {
         dead.flush().await?;
-        let info = snapshot(
+        snapshot(
             &cfg,
             &learner,
             &mut pending,
             &tracker,
             &buffer,
             &mut accounted,
-            &mut parent,
-            &metrics,
+            &parent,
+            (eval.n > 0).then_some((&eval, &holdout)),
+            &mut writer,
         )?;
-        source.commit(&info.manifest.offsets).await?;
-        summary.snapshots_written += 1;
-        summary.last_snapshot = Some(info.path);
     }
+    let done = writer.wait_idle().await;
+    completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
     dead.flush().await?;
     source.close().await?;
     let drift = learner.link().drift();
@@ -504,6 +520,33 @@ async fn evaluate(
     Ok(rep)
 }
 
+/// Commit the offsets of snapshots whose background write has completed (in order).
+async fn completed(
+    done: Vec<Result<SnapshotInfo>>,
+    writer: &mut BackgroundWriter,
+    source: &mut dyn Source,
+    summary: &mut Summary,
+    metrics: &Metrics,
+) -> Result<()> {
+    for secs in writer.take_write_seconds() {
+        metrics.snapshot_write_seconds.observe(secs);
+    }
+    for r in done {
+        let info = r.context("writing a snapshot")?;
+        source.commit(&info.manifest.offsets).await?;
+        metrics.snapshots_written.inc();
+        metrics.snapshot_last_step.set(info.manifest.step as i64);
+        if info.promoted.is_some() {
+            metrics.promotions.inc();
+        }
+        summary.snapshots_written += 1;
+        summary.last_snapshot = Some(info.path);
+    }
+    Ok(())
+}
+
+/// Copy the learner's state out and hand it to the background writer; offsets are committed
+/// by [`completed`] once the write is durable.
 #[allow(clippy::too_many_arguments)]
 fn snapshot(
     cfg: &Config,
@@ -512,10 +555,10 @@ fn snapshot(
     tracker: &OffsetTracker,
     buffer: &EventBuffer,
     accounted: &mut u64,
-    parent: &mut Option<String>,
-    metrics: &Metrics,
-) -> Result<SnapshotInfo> {
-    let t0 = Instant::now();
+    parent: &Option<String>,
+    eval: Option<(&EvalReport, &VecDeque<(PreferenceEvent, Position)>)>,
+    writer: &mut BackgroundWriter,
+) -> Result<()> {
     let offsets = tracker.covered(buffer.positions());
     // Only account for records below the covered offsets; the rest are re-read on resume
     // and so belong to a later snapshot.
@@ -542,15 +585,15 @@ fn snapshot(
         offsets,
         metrics: std::mem::take(&mut pending.metrics),
         events: now,
+        link_curve: learner.link().curve(),
+        eval: eval.map(|(e, holdout)| {
+            let prompts = holdout.iter().map(|(ev, _)| ev.prompt.as_str());
+            let seed = cfg.run.seed ^ learner.step_count();
+            let kl = crate::promote::estimate_kl(learner.policy(), prompts, &cfg.promote, seed);
+            Evaluation::from_report(e, kl)
+        }),
     };
-    let info = crate::snapshot::write_snapshot(&cfg.run.data_dir, content)?;
-    metrics.snapshots_written.inc();
-    metrics
-        .snapshot_write_seconds
-        .observe(t0.elapsed().as_secs_f64());
-    metrics.snapshot_last_step.set(info.manifest.step as i64);
-    *parent = Some(info.name.clone());
-    Ok(info)
+    writer.submit(content)
 }
 
 /// Run with the configured source and sink, serving metrics while it runs.

@@ -136,9 +136,14 @@ fn assert_all_grads(p: &LmPolicy, what: &str) {
 /// LoRA B starts at zero (so A gets no gradient at init, as in PEFT): give B random values.
 fn randomize_lora_b(p: &mut LmPolicy) {
     let mut m = HashMap::new();
-    for (i, (name, v)) in p.trainable().into_iter().enumerate() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    for (name, v) in p.trainable() {
         let t = if name.contains("lora_B") {
-            (Tensor::randn(0f32, 0.05, v.dims(), v.device()).unwrap() + 0.01 * i as f64).unwrap()
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|_| rng.random_range(-0.1f32..0.1))
+                .collect();
+            Tensor::from_vec(vals, v.dims(), v.device()).unwrap()
         } else {
             v.as_tensor().copy().unwrap()
         };
@@ -231,5 +236,85 @@ fn dpo_loss_falls_full_and_lora() {
         assert_eq!(kl, p.kl_estimate(&many, 12, 7).unwrap());
         let c = p.score(&PROMPTS, &CHOSEN, false).unwrap().0;
         assert!(c.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
+    }
+}
+
+/// Autograd against central finite differences, for the largest-gradient element of several
+/// tensors (embedding, attention and MLP weights, a q bias, norm gains, LoRA A and B): the
+/// backward pass is the derivative of the forward pass, through masking and padding.
+#[test]
+fn gradients_match_finite_differences() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = make_model(root.path(), "qwen2", false);
+    let mut lora = load(&dir, TrainMode::Lora, 0.0);
+    randomize_lora_b(&mut lora);
+    let full = load(&dir, TrainMode::Full, 0.0);
+    let f = |p: &LmPolicy| -> f64 {
+        let prompts: Vec<&str> = PROMPTS.iter().chain(PROMPTS.iter()).copied().collect();
+        let resp: Vec<&str> = REJECTED.iter().chain(CHOSEN.iter()).copied().collect();
+        let (lp, _) = p.score(&prompts, &resp, false).unwrap();
+        lp.iter().map(|x| *x as f64).sum()
+    };
+    let checks: [(&LmPolicy, &str); 8] = [
+        (&full, "model.embed_tokens.weight"),
+        (&full, "model.layers.0.self_attn.q_proj.weight"),
+        (&full, "model.layers.0.self_attn.k_proj.bias"),
+        (&full, "model.layers.1.mlp.down_proj.weight"),
+        (&full, "model.layers.1.input_layernorm.weight"),
+        (&full, "lm_head.weight"),
+        (
+            &lora,
+            "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+        ),
+        (
+            &lora,
+            "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight",
+        ),
+    ];
+    for (p, name) in checks {
+        let prompts: Vec<&str> = PROMPTS.iter().chain(PROMPTS.iter()).copied().collect();
+        let resp: Vec<&str> = REJECTED.iter().chain(CHOSEN.iter()).copied().collect();
+        let out = p.logps(&prompts, &resp, false).unwrap().sum_all().unwrap();
+        let grads = out.backward().unwrap();
+        let var = p
+            .trainable()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no trainable {name}"))
+            .1;
+        let g: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (k, gk) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .map(|(k, v)| (k, *v as f64))
+            .unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let flat: Vec<f32> = orig.flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-2f32;
+        let at = |delta: f32| -> f64 {
+            let mut v = flat.clone();
+            v[k] += delta;
+            var.set(&Tensor::from_vec(v, orig.shape(), orig.device()).unwrap())
+                .unwrap();
+            f(p)
+        };
+        // Richardson-extrapolated central differences (error O(h⁴)).
+        let d1 = (at(h) - at(-h)) / (2.0 * h as f64);
+        let d2 = (at(h / 2.0) - at(-h / 2.0)) / h as f64;
+        let fd = (4.0 * d2 - d1) / 3.0;
+        var.set(&orig).unwrap();
+        let err = (fd - gk).abs();
+        eprintln!("{name}[{k}]: autograd {gk:.5} finite-diff {fd:.5}");
+        assert!(
+            err <= 0.03 * gk.abs() + 2e-3,
+            "{name}[{k}]: autograd {gk} vs finite difference {fd}"
+        );
     }
 }

@@ -313,3 +313,44 @@ fn exports_round_trip() {
     let c = lp.logps(&P, &R, false).unwrap().to_vec1::<f32>().unwrap();
     assert_ne!(a, c, "dropout had no effect in training mode");
 }
+
+#[test]
+fn half_precision_weights_keep_f32_log_probs() {
+    // The CUDA path's dtype handling, exercised on the CPU: bf16 and f16 weights, f32 output.
+    let want = LmPolicy::load(&fixture(), &cfg_for(&fixture()), None)
+        .unwrap()
+        .score(&P, &R, false)
+        .unwrap()
+        .0;
+    for dt in ["bf16", "f16"] {
+        let mut cfg = cfg_for(&fixture());
+        cfg.dtype = dt.into();
+        let p = LmPolicy::load(&fixture(), &cfg, None).unwrap();
+        let t = p.logps(&P, &R, true).unwrap();
+        assert_eq!(t.dtype(), candle_core::DType::F32);
+        let got = t.to_vec1::<f32>().unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            // ×15-scaled fixture weights in 8-bit-mantissa bf16: a few nats on ~-150.
+            assert!(
+                g.is_finite() && (g - w).abs() < 0.05 * w.abs(),
+                "{dt}: {g} vs {w}"
+            );
+        }
+        // Gradients flow in half precision too.
+        let g = t.sum_all().unwrap().backward().unwrap();
+        assert!(p
+            .trainable()
+            .iter()
+            .all(|(_, v)| g.get(v.as_tensor()).is_some()));
+    }
+    let mut cfg = cfg_for(&fixture());
+    cfg.device = "cuda:0".into();
+    match LmPolicy::load(&fixture(), &cfg, None) {
+        Err(e) if !cfg!(feature = "cuda") => {
+            assert!(e.to_string().contains("--features cuda"), "{e}")
+        }
+        Err(e) => eprintln!("cuda build without a usable GPU: {e:#}"),
+        Ok(_) if cfg!(feature = "cuda") => {}
+        Ok(_) => panic!("cuda:0 loaded without the cuda feature"),
+    }
+}

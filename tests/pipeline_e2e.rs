@@ -58,6 +58,7 @@ async fn embedded_default_end_to_end() {
             "run.max_events=800".into(),
             "snapshot.every_steps=10".into(),
             "source.synthetic.malformed_share=0.05".into(),
+            "snapshot.keep_last=1000".into(),
         ],
     )
     .unwrap();

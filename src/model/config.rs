@@ -311,3 +311,75 @@ impl LlamaConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({
+            "model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 500000.0
+        })
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_and_scales_low_frequencies() {
+        let mut v = base();
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let c = LlamaConfig::from_json(&v, "t").unwrap();
+        let plain = LlamaConfig::from_json(&base(), "t").unwrap().inv_freq();
+        let scaled = c.inv_freq();
+        assert_eq!(scaled[0], plain[0]); // wavelength 2π < 8192/4: unchanged
+        let last = plain.len() - 1; // wavelength ≫ 8192: divided by the factor
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15);
+        for (s, p) in scaled.iter().zip(&plain) {
+            assert!(*s <= *p && *s >= p / 8.0 - 1e-18);
+        }
+        // transformers-5 form inside rope_parameters gives the same.
+        let mut v5 = base();
+        v5.as_object_mut().unwrap().remove("rope_theta");
+        v5["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        assert_eq!(LlamaConfig::from_json(&v5, "t").unwrap().inv_freq(), scaled);
+        let mut bad = base();
+        bad["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        let e = LlamaConfig::from_json(&bad, "t").unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn family_defaults() {
+        let mut q = base();
+        q["model_type"] = "qwen2".into();
+        q["use_sliding_window"] = false.into();
+        q["sliding_window"] = 4096.into();
+        let c = LlamaConfig::from_json(&q, "t").unwrap();
+        assert!(c.qkv_bias && !c.o_bias && c.sliding_window.is_none());
+        let mut m = base();
+        m["model_type"] = "mistral".into();
+        m["sliding_window"] = 4096.into();
+        let c = LlamaConfig::from_json(&m, "t").unwrap();
+        assert_eq!(c.sliding_window, Some(4096));
+        assert!(!c.qkv_bias);
+        let mut l = base();
+        l["attention_bias"] = true.into();
+        l["eos_token_id"] = json!([128001, 128009]);
+        let c = LlamaConfig::from_json(&l, "t").unwrap();
+        assert!(c.qkv_bias && c.o_bias && !c.mlp_bias);
+        assert_eq!(c.eos_token_id, Some(128001));
+        assert_eq!(c.head_dim, 8);
+        assert_eq!(c.n_rep(), 4);
+        let mut g = base();
+        g["num_key_value_heads"] = 3.into();
+        assert!(LlamaConfig::from_json(&g, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("num_key_value_heads"));
+    }
+}

@@ -11,6 +11,8 @@ use std::path::Path;
 pub struct Resumed {
     pub name: String,
     pub manifest: Manifest,
+    /// Snapshots newer than this one that were skipped because they do not verify.
+    pub skipped: Vec<String>,
 }
 
 fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
@@ -18,34 +20,85 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
         .with_context(|| format!("loading {}", path.display()))
 }
 
-/// Load the newest snapshot that verifies; corrupted ones are skipped with a warning.
-pub fn load_latest(data_dir: &Path, learner: &mut Learner) -> Result<Option<Resumed>> {
-    for dir in list(data_dir)?.into_iter().rev() {
-        let manifest = match verify(&dir) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("Skipping snapshot that does not verify: {e:#}.");
-                continue;
-            }
-        };
-        let device = learner.policy().device().clone();
-        let weights_file = manifest
+/// What a snapshot directory holds for a learner, read and checked but not yet applied.
+pub struct LoadedSnapshot {
+    pub manifest: Manifest,
+    pub weights: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub optimizer_step: u64,
+    pub state: LearnerState,
+}
+
+/// Verify a snapshot directory and read what resume needs from it.
+pub fn read_snapshot(dir: &Path, device: &Device) -> Result<LoadedSnapshot> {
+    let manifest = verify(dir)?;
+    let weights_file = if manifest.weights_file.is_empty() {
+        manifest
             .files
             .keys()
             .find(|f| *f == "model.safetensors" || *f == "adapter_model.safetensors")
             .cloned()
-            .with_context(|| format!("{}: no weights file", dir.display()))?;
-        let weights = load_tensors(&dir.join(&weights_file), &device)?;
-        let optimizer = load_tensors(&dir.join("optimizer.safetensors"), &device)?;
-        let state: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-        let opt_step = state["optimizer_step"].as_u64().unwrap_or(0);
-        let ls: LearnerState = serde_json::from_value(state["learner"].clone())
-            .with_context(|| format!("{}: state.json learner state", dir.display()))?;
-        learner.restore(&weights, &optimizer, opt_step, ls)?;
+            .with_context(|| format!("{}: no weights file", dir.display()))?
+    } else {
+        manifest.weights_file.clone()
+    };
+    let weights = load_tensors(&dir.join(&weights_file), device)?;
+    let optimizer = load_tensors(&dir.join("optimizer.safetensors"), device)?;
+    let state_path = dir.join("state.json");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", state_path.display()))?;
+    let optimizer_step = state["optimizer_step"]
+        .as_u64()
+        .with_context(|| format!("{}: optimizer_step missing", state_path.display()))?;
+    let ls: LearnerState = serde_json::from_value(state["learner"].clone())
+        .with_context(|| format!("{}: learner state", state_path.display()))?;
+    Ok(LoadedSnapshot {
+        manifest,
+        weights,
+        optimizer,
+        optimizer_step,
+        state: ls,
+    })
+}
+
+/// Load one snapshot directory into a learner (after verifying it).
+pub fn load_into(dir: &Path, learner: &mut Learner) -> Result<Manifest> {
+    let device = learner.policy().device().clone();
+    let s = read_snapshot(dir, &device)?;
+    learner
+        .restore(&s.weights, &s.optimizer, s.optimizer_step, s.state)
+        .with_context(|| format!("{}: restoring the learner", dir.display()))?;
+    Ok(s.manifest)
+}
+
+/// Load the newest snapshot that verifies; corrupted ones are skipped with a warning and the
+/// previous good one is used. A snapshot that verifies but does not fit the learner (e.g.
+/// a different model) is an error, not silently skipped.
+pub fn load_latest(data_dir: &Path, learner: &mut Learner) -> Result<Option<Resumed>> {
+    let mut skipped = vec![];
+    for dir in list(data_dir)?.into_iter().rev() {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let device = learner.policy().device().clone();
+        let s = match read_snapshot(&dir, &device) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("Skipping snapshot {name}: {e:#}.");
+                skipped.push(name);
+                continue;
+            }
+        };
+        learner
+            .restore(&s.weights, &s.optimizer, s.optimizer_step, s.state)
+            .with_context(|| format!("{}: restoring the learner", dir.display()))?;
         return Ok(Some(Resumed {
-            name: manifest.name.clone(),
-            manifest,
+            name,
+            manifest: s.manifest,
+            skipped,
         }));
     }
     Ok(None)
