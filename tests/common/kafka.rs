@@ -325,7 +325,7 @@ fn try_chain(data_dir: &Path) -> Option<Vec<String>> {
 
 /// The per-event accounting along the snapshot chain.
 pub fn chain_events(data_dir: &Path) -> Vec<EventRow> {
-    use arrow::array::{AsArray, Int32Array, Int64Array, UInt64Array};
+    use arrow::array::{AsArray, Int32Array, Int64Array};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut rows = vec![];
     for name in chain(data_dir) {
@@ -343,13 +343,15 @@ pub fn chain_events(data_dir: &Path) -> Vec<EventRow> {
             let parts = col("partition");
             let offs = col("offset");
             let roles = col("role");
-            let steps = col("step");
+            // The step's integer type is the snapshot format's business: read it as i64.
+            let steps = arrow::compute::cast(&col("step"), &arrow::datatypes::DataType::Int64)
+                .expect("step column is an integer");
             let ids = ids.as_string::<i32>();
             let streams = streams.as_string::<i32>();
             let roles = roles.as_string::<i32>();
             let parts = parts.as_any().downcast_ref::<Int32Array>().unwrap();
             let offs = offs.as_any().downcast_ref::<Int64Array>().unwrap();
-            let steps = steps.as_any().downcast_ref::<UInt64Array>().unwrap();
+            let steps = steps.as_any().downcast_ref::<Int64Array>().unwrap();
             for i in 0..b.num_rows() {
                 rows.push(EventRow {
                     event_id: ids.value(i).to_string(),
@@ -360,7 +362,7 @@ pub fn chain_events(data_dir: &Path) -> Vec<EventRow> {
                     step: if arrow::array::Array::is_null(steps, i) {
                         None
                     } else {
-                        Some(steps.value(i))
+                        Some(steps.value(i) as u64)
                     },
                     snapshot: name.clone(),
                 });
