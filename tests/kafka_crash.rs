@@ -41,7 +41,14 @@ fn kill_9_at_any_moment_loses_and_repeats_nothing() {
     spoke_produce(
         &broker.addr,
         &topic,
-        &["--count", &n.to_string(), "--malformed-share", "0.01", "--seed", "5"],
+        &[
+            "--count",
+            &n.to_string(),
+            "--malformed-share",
+            "0.01",
+            "--seed",
+            "5",
+        ],
     );
     let contents = topic_contents(&broker.addr, &topic, n);
     let dir = tempfile::tempdir().unwrap();
@@ -60,8 +67,10 @@ fn kill_9_at_any_moment_loses_and_repeats_nothing() {
 
     // 1. Mid-training, between snapshots.
     let mut child = spec.spawn();
-    wait_for(Duration::from_secs(120), || (durable(&snaps()) >= 2).then_some(()))
-        .unwrap_or_else(|| panic!("no snapshots:\n{}", spec.log_tail()));
+    wait_for(Duration::from_secs(120), || {
+        (durable(&snaps()) >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no snapshots:\n{}", spec.log_tail()));
     std::thread::sleep(Duration::from_millis(150));
     kill9(&mut child);
     moments.push("mid-training");
@@ -90,7 +99,11 @@ fn kill_9_at_any_moment_loses_and_repeats_nothing() {
             break;
         }
         kill9(&mut child);
-        assert!(durable(&snaps()) > before, "no progress:\n{}", spec.log_tail());
+        assert!(
+            durable(&snaps()) > before,
+            "no progress:\n{}",
+            spec.log_tail()
+        );
     }
     assert!(caught, "never caught a snapshot write in progress");
     moments.push("during a snapshot write");
@@ -98,8 +111,10 @@ fn kill_9_at_any_moment_loses_and_repeats_nothing() {
     // 3. Right after a snapshot became durable (before or while its offsets are committed).
     let mut child = spec.spawn();
     let before = durable(&snaps());
-    wait_for(Duration::from_secs(90), || (durable(&snaps()) > before).then_some(()))
-        .unwrap_or_else(|| panic!("no new snapshot:\n{}", spec.log_tail()));
+    wait_for(Duration::from_secs(90), || {
+        (durable(&snaps()) > before).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no new snapshot:\n{}", spec.log_tail()));
     kill9(&mut child);
     moments.push("right after a snapshot");
 
@@ -121,6 +136,10 @@ fn kill_9_at_any_moment_loses_and_repeats_nothing() {
     // Each valid event trained at most once (exactness above covers "at least").
     let mut trained = std::collections::HashSet::new();
     for r in rows.iter().filter(|r| r.role == "train") {
-        assert!(trained.insert(r.event_id.clone()), "{} trained twice", r.event_id);
+        assert!(
+            trained.insert(r.event_id.clone()),
+            "{} trained twice",
+            r.event_id
+        );
     }
 }

@@ -34,7 +34,14 @@ fn a_member_leaves_and_the_other_takes_over_exactly() {
     spoke_produce(
         &broker.addr,
         &topic,
-        &["--count", &n.to_string(), "--malformed-share", "0.01", "--seed", "9"],
+        &[
+            "--count",
+            &n.to_string(),
+            "--malformed-share",
+            "0.01",
+            "--seed",
+            "9",
+        ],
     );
     let contents = topic_contents(&broker.addr, &topic, n);
     let group = unique("g");
@@ -63,10 +70,21 @@ fn a_member_leaves_and_the_other_takes_over_exactly() {
         let pb = partitions_trained(&chain_events(&b.data_dir));
         (!pb.is_empty()).then_some(pb)
     })
-    .unwrap_or_else(|| panic!("B never trained:\nA:\n{}\nB:\n{}", a.log_tail(), b.log_tail()));
-    assert!(split.len() < 4, "B got every partition while A was still a member: {split:?}");
+    .unwrap_or_else(|| {
+        panic!(
+            "B never trained:\nA:\n{}\nB:\n{}",
+            a.log_tail(),
+            b.log_tail()
+        )
+    });
     assert!(
-        std::fs::read_to_string(a.log_path()).unwrap().contains("revoked"),
+        split.len() < 4,
+        "B got every partition while A was still a member: {split:?}"
+    );
+    assert!(
+        std::fs::read_to_string(a.log_path())
+            .unwrap()
+            .contains("revoked"),
         "A saw no revocation"
     );
 
@@ -89,7 +107,11 @@ fn a_member_leaves_and_the_other_takes_over_exactly() {
     let mut both = a_rows.clone();
     both.extend(b_rows.iter().cloned());
     let acc = account(&both);
-    assert!(acc.duplicates.is_empty(), "accounted twice: {:?}", &acc.duplicates[..acc.duplicates.len().min(5)]);
+    assert!(
+        acc.duplicates.is_empty(),
+        "accounted twice: {:?}",
+        &acc.duplicates[..acc.duplicates.len().min(5)]
+    );
     // A's former partitions continued in B.
     assert!(partitions_trained(&b_rows).is_superset(&a_parts));
 

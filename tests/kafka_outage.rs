@@ -20,7 +20,14 @@ fn a_frozen_broker_loses_and_repeats_nothing() {
     spoke_produce(
         &broker.addr,
         &topic,
-        &["--count", &n.to_string(), "--malformed-share", "0.01", "--seed", "13"],
+        &[
+            "--count",
+            &n.to_string(),
+            "--malformed-share",
+            "0.01",
+            "--seed",
+            "13",
+        ],
     );
     let contents = topic_contents(&broker.addr, &topic, n);
     let dir = tempfile::tempdir().unwrap();
@@ -53,10 +60,18 @@ fn a_frozen_broker_loses_and_repeats_nothing() {
     );
     spec.wait_ok(&mut child, Duration::from_secs(300));
     eprintln!("{}", spec.log_tail());
-    assert!(before < n, "the outage came after the run had consumed everything");
+    assert!(
+        before < n,
+        "the outage came after the run had consumed everything"
+    );
     let rows = chain_events(&spec.data_dir);
     assert_exact_accounting(&rows, &contents);
-    let dead = read_topic(&broker.addr, &dlq, contents.malformed.len(), Duration::from_secs(60));
+    let dead = read_topic(
+        &broker.addr,
+        &dlq,
+        contents.malformed.len(),
+        Duration::from_secs(60),
+    );
     let mut got: Vec<(i32, i64)> = dead
         .iter()
         .map(|d| {

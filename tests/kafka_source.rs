@@ -95,11 +95,17 @@ async fn offsets_commits_resume_and_pause() {
             .or_default()
             .push(r.position.offset);
         let ev = spoke::source::decode_event(&r.payload, "x").expect("valid synthetic event");
-        assert_eq!(r.key.as_deref(), ev.event_id.strip_prefix("syn-7-").map(str::as_bytes));
+        assert_eq!(
+            r.key.as_deref(),
+            ev.event_id.strip_prefix("syn-7-").map(str::as_bytes)
+        );
     }
     for (p, offs) in &seen {
         let want: Vec<i64> = (0..counts[p]).collect();
-        assert_eq!(offs, &want, "partition {p}: offsets out of order, missing or repeated");
+        assert_eq!(
+            offs, &want,
+            "partition {p}: offsets out of order, missing or repeated"
+        );
     }
     // Nothing more.
     for _ in 0..5 {
@@ -173,10 +179,20 @@ async fn offsets_commits_resume_and_pause() {
     }
     for (p, n) in &counts {
         let want: Vec<i64> = (expect_start[p]..*n).collect();
-        assert_eq!(got.get(p).cloned().unwrap_or_default(), want, "partition {p}");
+        assert_eq!(
+            got.get(p).cloned().unwrap_or_default(),
+            want,
+            "partition {p}"
+        );
     }
     assert_eq!(metrics.kafka_paused.get(), 0);
-    assert!(metrics.kafka_rebalances.with_label_values(&["assign"]).get() >= 1);
+    assert!(
+        metrics
+            .kafka_rebalances
+            .with_label_values(&["assign"])
+            .get()
+            >= 1
+    );
     b.close().await.unwrap();
 }
 
@@ -197,7 +213,9 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     type Seen = Vec<(i32, i64, Instant)>;
-    let run_member = |name: &'static str, slow_until_revoked: bool, mut done: tokio::sync::watch::Receiver<bool>| {
+    let run_member = |name: &'static str,
+                      slow_until_revoked: bool,
+                      mut done: tokio::sync::watch::Receiver<bool>| {
         let cfg = cfg.clone();
         let delivered = delivered.clone();
         tokio::spawn(async move {
@@ -250,7 +268,11 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
             }
             src.commit(&o).await.unwrap();
             src.close().await.unwrap();
-            eprintln!("{name}: {} records, {} revocations", seen.len(), revocations.len());
+            eprintln!(
+                "{name}: {} records, {} revocations",
+                seen.len(),
+                revocations.len()
+            );
             (seen, revocations)
         })
     };
@@ -272,7 +294,10 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
     done_tx.send(true).unwrap();
     let (sa, ra) = a.await.unwrap();
     let (sb, _rb) = b.await.unwrap();
-    assert!(!ra.is_empty(), "the first member was never asked to give partitions up");
+    assert!(
+        !ra.is_empty(),
+        "the first member was never asked to give partitions up"
+    );
     assert!(!sb.is_empty(), "the second member never got records");
     let mut all: Vec<(i32, i64)> = sa
         .iter()
@@ -289,7 +314,10 @@ async fn revocation_waits_for_the_ack_and_hands_over_exactly() {
     let revoked: BTreeSet<i32> = ra[0].0.iter().map(|(_, p)| *p).collect();
     for (p, _, at) in &sb {
         if revoked.contains(p) {
-            assert!(*at >= first_ack, "partition {p} reached B before A acknowledged");
+            assert!(
+                *at >= first_ack,
+                "partition {p} reached B before A acknowledged"
+            );
         }
     }
 }
@@ -329,7 +357,9 @@ async fn dead_letters_keep_the_original_bytes_and_say_why() {
     sink.send(&recs[0], "wrong_type: prompt must be a string")
         .await
         .unwrap();
-    sink.send(&recs[1], "not_json: invalid UTF-8").await.unwrap();
+    sink.send(&recs[1], "not_json: invalid UTF-8")
+        .await
+        .unwrap();
     sink.flush().await.unwrap();
     let got = read_topic(&broker.addr, &dlq, 2, Duration::from_secs(30));
     assert_eq!(got.len(), 2);
@@ -340,8 +370,14 @@ async fn dead_letters_keep_the_original_bytes_and_say_why() {
         got[0].header("spoke.error").as_deref(),
         Some("wrong_type: prompt must be a string")
     );
-    assert_eq!(got[0].header("spoke.source.topic").as_deref(), Some("events"));
-    assert_eq!(got[0].header("spoke.source.partition").as_deref(), Some("3"));
+    assert_eq!(
+        got[0].header("spoke.source.topic").as_deref(),
+        Some("events")
+    );
+    assert_eq!(
+        got[0].header("spoke.source.partition").as_deref(),
+        Some("3")
+    );
     assert_eq!(got[0].header("spoke.source.offset").as_deref(), Some("17"));
     assert_eq!(got[1].payload, recs[1].payload);
     assert_eq!(got[1].key, None);
@@ -363,7 +399,11 @@ fn produce_publishes_files_and_malformed_shares() {
         "not json at all",
     ];
     let path = dir.path().join("events.jsonl");
-    std::fs::write(&path, format!("{}\n\n{}\r\n{}\n", lines[0], lines[1], lines[2])).unwrap();
+    std::fs::write(
+        &path,
+        format!("{}\n\n{}\r\n{}\n", lines[0], lines[1], lines[2]),
+    )
+    .unwrap();
     let out = spoke_produce(&broker.addr, &topic, &["--input", path.to_str().unwrap()]);
     assert!(out.contains("produced 3 records"), "{out}");
     let got = read_topic(&broker.addr, &topic, 3, Duration::from_secs(30));
@@ -375,10 +415,16 @@ fn produce_publishes_files_and_malformed_shares() {
     use arrow::array::{ArrayRef, Int64Array, StringArray};
     use arrow::record_batch::RecordBatch;
     let cols: Vec<(&str, ArrayRef)> = vec![
-        ("event_id", Arc::new(StringArray::from(vec!["e1", "e2"])) as ArrayRef),
+        (
+            "event_id",
+            Arc::new(StringArray::from(vec!["e1", "e2"])) as ArrayRef,
+        ),
         ("prompt", Arc::new(StringArray::from(vec!["hello", "tea?"]))),
         ("response_0", Arc::new(StringArray::from(vec!["hi", "no"]))),
-        ("response_1", Arc::new(StringArray::from(vec!["hello there", "yes please"]))),
+        (
+            "response_1",
+            Arc::new(StringArray::from(vec!["hello there", "yes please"])),
+        ),
         ("label", Arc::new(Int64Array::from(vec![1, 0]))),
     ];
     let batch = RecordBatch::try_from_iter(cols).unwrap();
@@ -413,7 +459,14 @@ fn produce_publishes_files_and_malformed_shares() {
     let out = spoke_produce(
         &broker.addr,
         &topic,
-        &["--count", "2000", "--malformed-share", "0.05", "--seed", "3"],
+        &[
+            "--count",
+            "2000",
+            "--malformed-share",
+            "0.05",
+            "--seed",
+            "3",
+        ],
     );
     let malformed: u64 = out
         .split('(')

@@ -144,7 +144,12 @@ fn spoke_ingest(cfg: KafkaConfig, n: u64, batch_size: usize) -> Result<Measure> 
         if rows as u64 + invalid != got {
             bail!("spoke ingest: {rows} rows + {invalid} invalid != {got} consumed");
         }
-        Ok(Measure::new("spoke (decode + validate + Arrow)", got, bytes, secs))
+        Ok(Measure::new(
+            "spoke (decode + validate + Arrow)",
+            got,
+            bytes,
+            secs,
+        ))
     })
 }
 
@@ -177,7 +182,12 @@ fn raw_rdkafka(brokers: &str, topic: &str, partitions: i32, n: u64) -> Result<Me
         }
     }
     let secs = t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-    Ok(Measure::new("rdkafka loop (count bytes only)", got, bytes, secs))
+    Ok(Measure::new(
+        "rdkafka loop (count bytes only)",
+        got,
+        bytes,
+        secs,
+    ))
 }
 
 /// `kcat -C -e -o beginning` to /dev/null, wall time of the whole process (connection and
@@ -193,9 +203,19 @@ fn kcat(brokers: &str, topic: &str, n: u64, core: i32, bytes: u64) -> Option<Res
     } else {
         Command::new(exe)
     };
-    cmd.args(["-C", "-b", brokers, "-t", topic, "-e", "-o", "beginning", "-q"])
-        .args(["-f", "%o\n"])
-        .stderr(std::process::Stdio::null());
+    cmd.args([
+        "-C",
+        "-b",
+        brokers,
+        "-t",
+        topic,
+        "-e",
+        "-o",
+        "beginning",
+        "-q",
+    ])
+    .args(["-f", "%o\n"])
+    .stderr(std::process::Stdio::null());
     let t0 = Instant::now();
     let out = match cmd.output() {
         Ok(o) => o,
@@ -327,7 +347,10 @@ pub fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
         let cfg = KafkaConfig {
             brokers: brokers.clone(),
             topics: vec![topic.clone()],
-            group: format!("spoke-bench-{}-{rep}", chrono::Utc::now().timestamp_millis()),
+            group: format!(
+                "spoke-bench-{}-{rep}",
+                chrono::Utc::now().timestamp_millis()
+            ),
             dead_letter_topic: String::new(),
             client: [
                 ("session.timeout.ms".to_string(), "6000".to_string()),
@@ -335,9 +358,9 @@ pub fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
             ]
             .into_iter()
             .chain(args.client.iter().filter_map(|kv| {
-                kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
             }))
-            .into_iter()
             .collect(),
             queue_capacity: args.queue_capacity,
             ..KafkaConfig::default()
@@ -356,7 +379,10 @@ pub fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
             ratios.insert(m.name.clone(), serde_json::json!(spoke / m.events_per_s));
         }
     }
-    println!("ingest on core {} ({} events, best of {}):", args.core, n, args.repeat);
+    println!(
+        "ingest on core {} ({} events, best of {}):",
+        args.core, n, args.repeat
+    );
     for m in &results {
         println!(
             "  {:<36} {:>10.0} events/s  {:>7.1} MB/s",

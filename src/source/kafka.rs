@@ -116,11 +116,8 @@ impl std::fmt::Debug for KafkaConfig {
 }
 
 /// Keys spoke sets itself on the consumer: the offset semantics depend on them.
-const OWNED_CONSUMER_KEYS: &[&str] = &[
-    "group.id",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-];
+const OWNED_CONSUMER_KEYS: &[&str] =
+    &["group.id", "enable.auto.commit", "enable.auto.offset.store"];
 
 /// Consumer-only librdkafka properties (CONFIGURATION.md, "C" rows) commonly set in a shared
 /// table; they are not passed to producers.
@@ -389,7 +386,8 @@ impl ClientContext for Ctx {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        self.shared.count_error("client error", &format!("{error}: {reason}"));
+        self.shared
+            .count_error("client error", &format!("{error}: {reason}"));
     }
 
     fn stats_raw(&self, statistics: &[u8]) {
@@ -445,7 +443,10 @@ impl ConsumerContext for Ctx {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(consumer, tpl, cooperative)
@@ -468,7 +469,8 @@ impl ConsumerContext for Ctx {
                     consumer.unassign()
                 };
                 if let Err(e) = r {
-                    self.shared.count_error("unassign after a rebalance error", &e);
+                    self.shared
+                        .count_error("unassign after a rebalance error", &e);
                 }
                 let mut st = self.shared.lock();
                 st.parts.clear();
@@ -557,12 +559,12 @@ impl Ctx {
         }
         let described: Vec<String> = parts
             .iter()
-            .map(|(t, p)| {
-                match starts.iter().find(|(tp, _, _)| tp.0 == *t && tp.1 == *p) {
+            .map(
+                |(t, p)| match starts.iter().find(|(tp, _, _)| tp.0 == *t && tp.1 == *p) {
                     Some((_, o, why)) => format!("{t}/{p}@{o} ({why})"),
                     None => format!("{t}/{p} (committed offset, else auto.offset.reset)"),
-                }
-            })
+                },
+            )
             .collect();
         tracing::info!("Kafka partitions assigned: {}.", described.join(", "));
     }
@@ -982,7 +984,8 @@ impl Source for KafkaSource {
                 Err(e) => {
                     // The snapshot holds these offsets (a restart resumes from it); the group
                     // catches up at the next commit.
-                    self.shared.count_error("offset commit (giving up for now)", &e);
+                    self.shared
+                        .count_error("offset commit (giving up for now)", &e);
                     tracing::warn!("Kafka offset commit failed after {attempt} attempts: {e}; the durable snapshot still records the offsets.");
                     return Ok(());
                 }
@@ -1000,10 +1003,9 @@ impl Source for KafkaSource {
 
     async fn set_paused(&mut self, paused: bool) -> Result<()> {
         self.shared.paused_external.store(paused, Ordering::SeqCst);
-        self.shared
-            .metrics
-            .kafka_paused
-            .set(i64::from(paused || self.shared.paused_applied.load(Ordering::SeqCst)));
+        self.shared.metrics.kafka_paused.set(i64::from(
+            paused || self.shared.paused_applied.load(Ordering::SeqCst),
+        ));
         Ok(())
     }
 
@@ -1220,16 +1222,20 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key() {
-        let mut cfg = KafkaConfig::default();
-        cfg.group = " ".into();
+        let cfg = KafkaConfig {
+            group: " ".into(),
+            ..KafkaConfig::default()
+        };
         let e = consumer_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("kafka.group"), "{e}");
         let mut cfg = KafkaConfig::default();
         cfg.topics.clear();
         let e = consumer_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("kafka.topics"), "{e}");
-        let mut cfg = KafkaConfig::default();
-        cfg.brokers = String::new();
+        let cfg = KafkaConfig {
+            brokers: String::new(),
+            ..KafkaConfig::default()
+        };
         let e = producer_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("kafka.brokers"), "{e}");
     }

@@ -183,9 +183,8 @@ pub fn parquet_rows_as_json(path: &Path, limit: u64) -> Result<Vec<Vec<u8>>> {
             }
             let mut obj = serde_json::Map::new();
             for (i, field) in schema.fields().iter().enumerate() {
-                let v = json_value(batch.column(i).as_ref(), row).with_context(|| {
-                    format!("{}: column {:?}", path.display(), field.name())
-                })?;
+                let v = json_value(batch.column(i).as_ref(), row)
+                    .with_context(|| format!("{}: column {:?}", path.display(), field.name()))?;
                 if !v.is_null() {
                     obj.insert(field.name().clone(), v);
                 }

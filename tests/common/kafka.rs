@@ -293,7 +293,13 @@ pub fn chain_head(data_dir: &Path) -> Option<String> {
         .collect();
     let mut heads: Vec<(&String, &serde_json::Value)> =
         ms.iter().filter(|(n, _)| !parents.contains(*n)).collect();
-    heads.sort_by_key(|(n, m)| (m["step"].as_u64(), m["created"].as_str().map(str::to_string), (*n).clone()));
+    heads.sort_by_key(|(n, m)| {
+        (
+            m["step"].as_u64(),
+            m["created"].as_str().map(str::to_string),
+            (*n).clone(),
+        )
+    });
     heads.last().map(|(n, _)| (*n).clone())
 }
 
@@ -329,7 +335,10 @@ pub fn chain_events(data_dir: &Path) -> Vec<EventRow> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut rows = vec![];
     for name in chain(data_dir) {
-        let path = data_dir.join("snapshots").join(&name).join("events.parquet");
+        let path = data_dir
+            .join("snapshots")
+            .join(&name)
+            .join("events.parquet");
         let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let reader = ParquetRecordBatchReaderBuilder::try_new(f)
             .unwrap()
@@ -438,13 +447,20 @@ pub struct RunSpec {
 
 /// configs/kafka.toml with test-friendly consumer timings, written next to the data dir.
 pub fn test_config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("configs/kafka.toml")).expect("configs/kafka.toml");
+    let text =
+        std::fs::read_to_string(repo().join("configs/kafka.toml")).expect("configs/kafka.toml");
     let mut t: toml::Table = text.parse().expect("configs/kafka.toml parses");
     let client = t["kafka"]["client"].as_table().cloned().unwrap_or_default();
     let mut client = client;
-    client.insert("session.timeout.ms".into(), SESSION_TIMEOUT_MS.to_string().into());
+    client.insert(
+        "session.timeout.ms".into(),
+        SESSION_TIMEOUT_MS.to_string().into(),
+    );
     client.insert("heartbeat.interval.ms".into(), "1000".into());
-    client.insert("max.poll.interval.ms".into(), MAX_POLL_INTERVAL_MS.to_string().into());
+    client.insert(
+        "max.poll.interval.ms".into(),
+        MAX_POLL_INTERVAL_MS.to_string().into(),
+    );
     client.insert("statistics.interval.ms".into(), "1000".into());
     t.get_mut("kafka")
         .and_then(|k| k.as_table_mut())
@@ -462,7 +478,14 @@ impl RunSpec {
         c.arg("run")
             .arg("--config")
             .arg(cfg)
-            .args(["--brokers", &self.addr, "--topic", &self.topic, "--group", &self.group])
+            .args([
+                "--brokers",
+                &self.addr,
+                "--topic",
+                &self.topic,
+                "--group",
+                &self.group,
+            ])
             .args(["--dead-letter-topic", &self.dlq])
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -486,8 +509,10 @@ impl RunSpec {
         ] {
             c.arg("--set").arg(s);
         }
-        c.env("RAYON_NUM_THREADS", "1")
-            .env("SPOKE_LOG", std::env::var("SPOKE_LOG").unwrap_or_else(|_| "info".into()));
+        c.env("RAYON_NUM_THREADS", "1").env(
+            "SPOKE_LOG",
+            std::env::var("SPOKE_LOG").unwrap_or_else(|_| "info".into()),
+        );
         c
     }
 
@@ -520,12 +545,19 @@ impl RunSpec {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = child.try_wait().unwrap() {
-                assert!(st.success(), "spoke run failed ({st}):\n{}", self.log_tail());
+                assert!(
+                    st.success(),
+                    "spoke run failed ({st}):\n{}",
+                    self.log_tail()
+                );
                 return;
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
-                panic!("spoke run did not finish within {timeout:?}:\n{}", self.log_tail());
+                panic!(
+                    "spoke run did not finish within {timeout:?}:\n{}",
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -541,7 +573,12 @@ pub struct TopicContents {
 
 pub fn topic_contents(addr: &str, topic: &str, expected: usize) -> TopicContents {
     let recs = read_topic(addr, topic, expected, Duration::from_secs(60));
-    assert_eq!(recs.len(), expected, "topic {topic} holds {} records", recs.len());
+    assert_eq!(
+        recs.len(),
+        expected,
+        "topic {topic} holds {} records",
+        recs.len()
+    );
     let mut out = TopicContents {
         all: Default::default(),
         malformed: Default::default(),
@@ -585,7 +622,10 @@ pub fn assert_exact_accounting(rows: &[EventRow], topic: &TopicContents) {
     for r in rows {
         let key = (r.partition, r.offset);
         if r.role == "dead_letter" {
-            assert!(topic.malformed.contains_key(&key), "valid event dead-lettered at {key:?}");
+            assert!(
+                topic.malformed.contains_key(&key),
+                "valid event dead-lettered at {key:?}"
+            );
         } else {
             assert_eq!(
                 topic.ids.get(&key),
