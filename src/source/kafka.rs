@@ -10,8 +10,9 @@
 //!   covering them is durable. Only partitions this member currently owns are committed, so a
 //!   stale snapshot can never move another member's progress backwards.
 //! * On assignment each partition starts from `max(snapshot offset, group's committed offset)`
-//!   when the resumed snapshot recorded it (the snapshot can be ahead of the group after a crash
-//!   between snapshot and commit; the group can be ahead when another member trained the
+//!   when the latest durable snapshot (the resumed one, or one passed to `commit` since)
+//!   recorded it (the snapshot can be ahead of the group after a crash between snapshot and
+//!   commit, or a failed commit; the group can be ahead when another member trained the
 //!   partition meanwhile), else from the committed offset, else per `auto.offset.reset`.
 //! * On revocation the callback queues [`SourceItem::Revoked`] behind the records already
 //!   handed over and blocks the rebalance until the pipeline acknowledges (it snapshots and
@@ -146,6 +147,7 @@ const CONSUMER_ONLY: &[&str] = &[
     "fetch.error.backoff.ms",
     "isolation.level",
     "enable.partition.eof",
+    "statistics.interval.ms",
     "check.crcs",
     "consume.callback.max.messages",
 ];
@@ -795,7 +797,9 @@ fn poll_loop(consumer: Arc<KConsumer>, shared: Arc<Shared>, capacity: usize) {
                 Err(e) => shared.count_error("reading the assignment", &e),
             }
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        // While paused for a full queue, come back soon to resume once it drained.
+        let wait = if internal { 5 } else { 100 };
+        match consumer.poll(Duration::from_millis(wait)) {
             None => backoff = Duration::ZERO,
             Some(Ok(m)) => {
                 backoff = Duration::ZERO;
@@ -1044,6 +1048,7 @@ impl ClientContext for ProducerCtx {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "rdkafka", "Kafka producer: {error}: {reason}");
     }
+    fn stats_raw(&self, _statistics: &[u8]) {}
 }
 
 /// Create a producer from the `[kafka]` settings.
@@ -1217,16 +1222,20 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key() {
-        let mut cfg = KafkaConfig::default();
-        cfg.group = " ".into();
+        let cfg = KafkaConfig {
+            group: " ".into(),
+            ..KafkaConfig::default()
+        };
         let e = consumer_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("kafka.group"), "{e}");
         let mut cfg = KafkaConfig::default();
         cfg.topics.clear();
         let e = consumer_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("kafka.topics"), "{e}");
-        let mut cfg = KafkaConfig::default();
-        cfg.brokers = String::new();
+        let cfg = KafkaConfig {
+            brokers: String::new(),
+            ..KafkaConfig::default()
+        };
         let e = producer_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("kafka.brokers"), "{e}");
     }

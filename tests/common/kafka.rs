@@ -305,23 +305,33 @@ pub fn chain_head(data_dir: &Path) -> Option<String> {
 
 /// Snapshot names from the chain head back to the first snapshot.
 pub fn chain(data_dir: &Path) -> Vec<String> {
+    // A snapshot may be renamed into place while the directory is listed; list again then.
+    for _ in 0..20 {
+        if let Some(c) = try_chain(data_dir) {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let names: Vec<String> = manifests(data_dir).into_keys().collect();
+    panic!("broken snapshot chain in {}: {names:?}", data_dir.display());
+}
+
+fn try_chain(data_dir: &Path) -> Option<Vec<String>> {
     let ms = manifests(data_dir);
     let mut out = vec![];
     let mut cur = chain_head(data_dir);
     while let Some(n) = cur {
-        let m = ms
-            .get(&n)
-            .unwrap_or_else(|| panic!("snapshot {n} named as parent is missing"));
+        let m = ms.get(&n)?;
         out.push(n.clone());
         cur = m["parent"].as_str().map(str::to_string);
         assert!(out.len() < 1_000_000, "parent cycle");
     }
-    out
+    Some(out)
 }
 
 /// The per-event accounting along the snapshot chain.
 pub fn chain_events(data_dir: &Path) -> Vec<EventRow> {
-    use arrow::array::{AsArray, Int32Array, Int64Array, UInt64Array};
+    use arrow::array::{AsArray, Int32Array, Int64Array};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut rows = vec![];
     for name in chain(data_dir) {
@@ -342,13 +352,15 @@ pub fn chain_events(data_dir: &Path) -> Vec<EventRow> {
             let parts = col("partition");
             let offs = col("offset");
             let roles = col("role");
-            let steps = col("step");
+            // The step's integer type is the snapshot format's business: read it as i64.
+            let steps = arrow::compute::cast(&col("step"), &arrow::datatypes::DataType::Int64)
+                .expect("step column is an integer");
             let ids = ids.as_string::<i32>();
             let streams = streams.as_string::<i32>();
             let roles = roles.as_string::<i32>();
             let parts = parts.as_any().downcast_ref::<Int32Array>().unwrap();
             let offs = offs.as_any().downcast_ref::<Int64Array>().unwrap();
-            let steps = steps.as_any().downcast_ref::<UInt64Array>().unwrap();
+            let steps = steps.as_any().downcast_ref::<Int64Array>().unwrap();
             for i in 0..b.num_rows() {
                 rows.push(EventRow {
                     event_id: ids.value(i).to_string(),
@@ -359,7 +371,7 @@ pub fn chain_events(data_dir: &Path) -> Vec<EventRow> {
                     step: if arrow::array::Array::is_null(steps, i) {
                         None
                     } else {
-                        Some(steps.value(i))
+                        Some(steps.value(i) as u64)
                     },
                     snapshot: name.clone(),
                 });
