@@ -1382,7 +1382,7 @@ mod tests {
         }
         // A peaked policy: KL decreases with β.
         let mut lp = vec![vec![-5.0; K]; 1];
-        lp[0][3] = -0.01;
+        lp[0][9] = -0.01;
         let c = evaluate(&lp, &r[..1], 1.0, &[0.5, 1.0, 10.0]);
         assert!(c[0].0 > c[1].0 && c[1].0 > c[2].0 && c[2].0 > 0.0);
         assert!(c[0].1 > c[2].1);
