@@ -594,8 +594,21 @@ pub struct Outcome {
     pub seconds: f64,
 }
 
+/// Keep the many short-lived ~0.5 MB kernel buffers (OSPO: batch × n) on the heap instead of
+/// mmap/munmap per allocation: glibc's default dynamic threshold made the benchmark spend more
+/// time in page faults than in arithmetic (measured: sys 2.5 s → 0 per OSPO job, wall ÷3).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc allocator parameters; called before worker threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
 pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    tune_allocator();
     let seeds = parse_seeds(&args.seeds)?;
     let s_grid: Vec<f64> = parse_list("--s", &args.s)?;
     let methods: Vec<ObjectiveKind> = parse_list("--methods", &args.methods)?;
@@ -1382,7 +1395,7 @@ mod tests {
         }
         // A peaked policy: KL decreases with β.
         let mut lp = vec![vec![-5.0; K]; 1];
-        lp[0][3] = -0.01;
+        lp[0][9] = -0.01;
         let c = evaluate(&lp, &r[..1], 1.0, &[0.5, 1.0, 10.0]);
         assert!(c[0].0 > c[1].0 && c[1].0 > c[2].0 && c[2].0 > 0.0);
         assert!(c[0].1 > c[2].1);

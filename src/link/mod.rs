@@ -6,8 +6,8 @@
 //! running mean; when that frame moves too far from the current moments, every bin's mass is
 //! moved (whole, at its mean index) into the new frame, so no mass is lost. After each update
 //! a weighted pool-adjacent-violators fit on the bins' label means gives a monotone curve with
-//! one knot per non-empty bin at the bin's mean index, interpolated linearly (flat outside),
-//! clipped to [eps, 1 − eps].
+//! one knot per PAVA block at the block's mass-weighted mean index, interpolated linearly (so
+//! it rises strictly between blocks; flat outside the outer knots), clipped to [eps, 1 − eps].
 
 pub mod drift;
 pub mod isotonic;
@@ -93,7 +93,7 @@ pub struct RecursiveLink {
     bin_z: Vec<f64>,
     #[serde(default)]
     bin_t: Vec<f64>,
-    /// The fitted monotone curve (knots at the non-empty bins' mean index).
+    /// The fitted monotone curve (one knot per PAVA block, at its mean index).
     #[serde(default)]
     fit: PiecewiseLinear,
     /// Number of updates folded in.
@@ -226,11 +226,24 @@ impl RecursiveLink {
         }
         let fitted = pava(&ys, &ws);
         let eps = self.cfg.eps;
-        let fitted = fitted
-            .into_iter()
-            .map(|v| v.clamp(eps, 1.0 - eps))
-            .collect();
-        self.fit = PiecewiseLinear::new(xs, fitted);
+        // One knot per PAVA block, at the block's mass-weighted mean index: the interpolant
+        // then rises strictly between blocks (a gradient everywhere inside the range) instead
+        // of being flat across each block.
+        let (mut kx, mut ky) = (Vec::new(), Vec::new());
+        let mut i = 0;
+        while i < xs.len() {
+            let (mut sw, mut st) = (0.0, 0.0);
+            let mut j = i;
+            while j < xs.len() && fitted[j] == fitted[i] {
+                sw += ws[j];
+                st += ws[j] * xs[j];
+                j += 1;
+            }
+            kx.push(st / sw);
+            ky.push(fitted[i].clamp(eps, 1.0 - eps));
+            i = j;
+        }
+        self.fit = PiecewiseLinear::new(kx, ky);
     }
 
     /// Whether any observation has been folded in.
