@@ -13,6 +13,7 @@ if [ -x scripts/kafka-broker.sh ]; then
   echo "Kafka-compatible test broker at ${SPOKE_TEST_BROKERS}"
 fi
 
+export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"  # candle spins its pool; 1 thread avoids that under parallel tests
 # One build profile for everything (dev, dependencies optimised); tests run in one go.
 cargo test --all-targets "$@"
 # Doc tests.
