@@ -609,6 +609,14 @@ fn tune_allocator() {
 pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     tune_allocator();
+    // Parallelism is across jobs: candle's own per-op thread pool (spin barriers) would only
+    // oversubscribe the cores. The user's explicit setting wins.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let seeds = parse_seeds(&args.seeds)?;
     let s_grid: Vec<f64> = parse_list("--s", &args.s)?;
     let methods: Vec<ObjectiveKind> = parse_list("--methods", &args.methods)?;
