@@ -14,7 +14,5 @@ if [ -x scripts/kafka-broker.sh ]; then
 fi
 
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"  # candle spins its pool; 1 thread avoids that under parallel tests
-# One build profile for everything (dev, dependencies optimised); tests run in one go.
+# One build profile for everything (dev, dependencies optimised); every test target in one go.
 cargo test --all-targets "$@"
-# Doc tests.
-cargo test --doc "$@"

@@ -232,12 +232,7 @@ impl Config {
         }
         self.optim.validate()?;
         self.promote.validate()?;
-        if !(self.objective.beta > 0.0 && self.objective.beta.is_finite()) {
-            return Err(format!(
-                "objective.beta: must be > 0, got {}",
-                self.objective.beta
-            ));
-        }
+        self.objective.validate()?;
         if self.link.bins < 4 {
             return Err(format!("link.bins: must be >= 4, got {}", self.link.bins));
         }

@@ -45,19 +45,6 @@ pub fn is_holdout(event_id: &str, fraction: f64) -> bool {
     u < fraction
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn holdout_share_is_close_to_the_fraction() {
-        let n = 20_000;
-        let k = (0..n)
-            .filter(|i| super::is_holdout(&format!("syn-0-{i}"), 0.1))
-            .count();
-        let share = k as f64 / n as f64;
-        assert!((share - 0.1).abs() < 0.01, "{share}");
-    }
-}
-
 /// Write bytes to `path` and fsync the file.
 pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -111,4 +98,17 @@ pub fn safetensors_bytes(tensors: &[(String, candle_core::Tensor)]) -> Result<Ve
 pub fn save_safetensors(path: &Path, tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
     let bytes = safetensors_bytes(tensors)?;
     write_durable(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn holdout_share_is_close_to_the_fraction() {
+        let n = 20_000;
+        let k = (0..n)
+            .filter(|i| super::is_holdout(&format!("syn-0-{i}"), 0.1))
+            .count();
+        let share = k as f64 / n as f64;
+        assert!((share - 0.1).abs() < 0.01, "{share}");
+    }
 }
