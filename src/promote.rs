@@ -58,7 +58,7 @@ impl Default for PromoteConfig {
             auc_tolerance: 0.01,
             min_auc: 0.5,
             max_kl: 0.0,
-            min_holdout: 16,
+            min_holdout: 200,
             kl_prompts: 16,
             kl_max_new_tokens: 16,
         }
