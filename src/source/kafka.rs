@@ -918,6 +918,13 @@ impl Source for KafkaSource {
                 }
                 continue;
             }
+            // Fast path: a record is usually waiting; only arm a timer when none is.
+            if let Ok(m) = self.rx.try_recv() {
+                if let Some(item) = self.item(m)? {
+                    return Ok(Some(item));
+                }
+                continue;
+            }
             match tokio::time::timeout(self.poll_interval, self.rx.recv()).await {
                 Err(_) => return Ok(Some(SourceItem::Idle)),
                 Ok(None) => {
