@@ -12,25 +12,8 @@ use std::time::Duration;
 fn every_event_is_trained_held_out_or_dead_lettered_exactly_once() {
     init_logging();
     let broker = Broker::get();
-    let topic = unique("acct");
-    let dlq = unique("acct-dlq");
-    create_topic(&broker.addr, &topic, 4);
-    create_topic(&broker.addr, &dlq, 1);
     let n = 50_000usize;
-    let out = spoke_produce(
-        &broker.addr,
-        &topic,
-        &[
-            "--count",
-            &n.to_string(),
-            "--malformed-share",
-            "0.01",
-            "--seed",
-            "11",
-        ],
-    );
-    eprintln!("{out}");
-    let contents = topic_contents(&broker.addr, &topic, n);
+    let (topic, dlq, contents) = seeded_topics(&broker.addr, "acct", n, 11);
     assert!(
         (300..=700).contains(&contents.malformed.len()),
         "{} malformed",

@@ -33,24 +33,8 @@ fn kill9(child: &mut std::process::Child) {
 fn kill_9_at_any_moment_loses_and_repeats_nothing() {
     init_logging();
     let broker = Broker::get();
-    let topic = unique("crash");
-    let dlq = unique("crash-dlq");
-    create_topic(&broker.addr, &topic, 4);
-    create_topic(&broker.addr, &dlq, 1);
     let n = 12_000usize;
-    spoke_produce(
-        &broker.addr,
-        &topic,
-        &[
-            "--count",
-            &n.to_string(),
-            "--malformed-share",
-            "0.01",
-            "--seed",
-            "5",
-        ],
-    );
-    let contents = topic_contents(&broker.addr, &topic, n);
+    let (topic, dlq, contents) = seeded_topics(&broker.addr, "crash", n, 5);
     let dir = tempfile::tempdir().unwrap();
     let spec = RunSpec {
         addr: broker.addr.clone(),

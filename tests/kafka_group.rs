@@ -26,24 +26,8 @@ fn sigterm(child: &std::process::Child) {
 fn a_member_leaves_and_the_other_takes_over_exactly() {
     init_logging();
     let broker = Broker::get();
-    let topic = unique("grp");
-    let dlq = unique("grp-dlq");
-    create_topic(&broker.addr, &topic, 4);
-    create_topic(&broker.addr, &dlq, 1);
     let n = 16_000usize;
-    spoke_produce(
-        &broker.addr,
-        &topic,
-        &[
-            "--count",
-            &n.to_string(),
-            "--malformed-share",
-            "0.01",
-            "--seed",
-            "9",
-        ],
-    );
-    let contents = topic_contents(&broker.addr, &topic, n);
+    let (topic, dlq, contents) = seeded_topics(&broker.addr, "grp", n, 9);
     let group = unique("g");
     let dir = tempfile::tempdir().unwrap();
     let spec = |name: &str, max_events: u64| RunSpec {

@@ -12,24 +12,8 @@ fn a_frozen_broker_loses_and_repeats_nothing() {
     init_logging();
     let broker = Broker::private();
     let pid = broker.pid().expect("broker pid");
-    let topic = unique("outage");
-    let dlq = unique("outage-dlq");
-    create_topic(&broker.addr, &topic, 4);
-    create_topic(&broker.addr, &dlq, 1);
     let n = 12_000usize;
-    spoke_produce(
-        &broker.addr,
-        &topic,
-        &[
-            "--count",
-            &n.to_string(),
-            "--malformed-share",
-            "0.01",
-            "--seed",
-            "13",
-        ],
-    );
-    let contents = topic_contents(&broker.addr, &topic, n);
+    let (topic, dlq, contents) = seeded_topics(&broker.addr, "outage", n, 13);
     let dir = tempfile::tempdir().unwrap();
     let spec = RunSpec {
         addr: broker.addr.clone(),

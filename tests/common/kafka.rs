@@ -638,3 +638,34 @@ pub fn assert_exact_accounting(rows: &[EventRow], topic: &TopicContents) {
         }
     }
 }
+
+/// The fixture every end-to-end Kafka test starts from: a fresh 4-partition topic holding `n`
+/// synthetic events (1% malformed, seeded) and a fresh 1-partition dead-letter topic.
+/// Returns (topic, dead-letter topic, what the topic holds).
+#[allow(dead_code)]
+pub fn seeded_topics(
+    addr: &str,
+    prefix: &str,
+    n: usize,
+    seed: u64,
+) -> (String, String, TopicContents) {
+    let topic = unique(prefix);
+    let dlq = unique(&format!("{prefix}-dlq"));
+    create_topic(addr, &topic, 4);
+    create_topic(addr, &dlq, 1);
+    let out = spoke_produce(
+        addr,
+        &topic,
+        &[
+            "--count",
+            &n.to_string(),
+            "--malformed-share",
+            "0.01",
+            "--seed",
+            &seed.to_string(),
+        ],
+    );
+    eprintln!("{out}");
+    let contents = topic_contents(addr, &topic, n);
+    (topic, dlq, contents)
+}
