@@ -230,12 +230,16 @@ pub async fn run_with(
     // Seeded with the resumed offsets so every later snapshot still records partitions that
     // deliver nothing new in this process (else a crash before the next commit would resume
     // them from an older committed offset and train their events twice).
-    let mut tracker = OffsetTracker {
-        consumed_next: resume_offsets.clone(),
-    };
-    let mut pending = Pending {
-        metrics: vec![],
-        events: vec![],
+    let mut ledger = Ledger {
+        tracker: OffsetTracker {
+            consumed_next: resume_offsets.clone(),
+        },
+        pending: Pending {
+            metrics: vec![],
+            events: vec![],
+        },
+        accounted,
+        parent,
     };
     let mut source_done = false;
     let mut paused = false;
@@ -264,19 +268,15 @@ pub async fn run_with(
             .context("learner task panicked")?;
             learner = l;
             let rep: StepReport = rep?;
-            record_step(&metrics, &rep, &mut pending, &mut summary);
+            record_step(&metrics, &rep, &mut ledger.pending, &mut summary);
             last_report = Some(rep.record);
             if learner.step_count() >= last_snapshot_step + cfg.snapshot.every_steps {
                 eval = evaluate(&learner, &mut holdout, &metrics).await?;
                 dead.flush().await?;
-                snapshot(
+                ledger.snapshot(
                     &cfg,
                     &learner,
-                    &mut pending,
-                    &tracker,
                     &buffer,
-                    &mut accounted,
-                    &parent,
                     Some((&eval, &holdout)),
                     &mut writer,
                 )?;
@@ -331,17 +331,7 @@ pub async fn run_with(
                 // snapshot is taken while the revoked partitions' untrained events are still
                 // buffered, so its offsets do not cover them; the new owner re-reads them.
                 dead.flush().await?;
-                snapshot(
-                    &cfg,
-                    &learner,
-                    &mut pending,
-                    &tracker,
-                    &buffer,
-                    &mut accounted,
-                    &parent,
-                    None,
-                    &mut writer,
-                )?;
+                ledger.snapshot(&cfg, &learner, &buffer, None, &mut writer)?;
                 let done = writer.wait_idle().await;
                 completed(done, &mut writer, source.as_mut(), &mut summary, &metrics).await?;
                 last_snapshot_step = learner.step_count();
@@ -351,8 +341,8 @@ pub async fn run_with(
                     "Partitions revoked: {:?}; dropped {dropped} untrained buffered events (the new owner re-reads them).",
                     partitions
                 );
-                tracker.forget(&partitions);
-                pending.events.retain(|e| {
+                ledger.tracker.forget(&partitions);
+                ledger.pending.events.retain(|e| {
                     !partitions
                         .iter()
                         .any(|(s, p)| *s == e.stream && *p == e.partition)
@@ -373,7 +363,7 @@ pub async fn run_with(
                     .events_consumed
                     .with_label_values(&[source_kind, topic])
                     .inc();
-                tracker.consumed(&rec.position);
+                ledger.tracker.consumed(&rec.position);
                 match decode_event(&rec.payload, &rec.position.fallback_id()) {
                     Ok(ev) => {
                         summary.valid += 1;
@@ -384,7 +374,7 @@ pub async fn run_with(
                         if crate::util::is_holdout(&ev.event_id, cfg.run.holdout_fraction) {
                             summary.held_out += 1;
                             metrics.events_held_out.inc();
-                            pending.events.push(EventRecord {
+                            ledger.pending.events.push(EventRecord {
                                 event_id: ev.event_id.clone(),
                                 stream: rec.position.stream.clone(),
                                 partition: rec.position.partition,
@@ -415,7 +405,7 @@ pub async fn run_with(
                             .events_dead_lettered
                             .with_label_values(&[source_kind, topic])
                             .inc();
-                        pending.events.push(EventRecord {
+                        ledger.pending.events.push(EventRecord {
                             event_id: rec.position.fallback_id(),
                             stream: rec.position.stream.clone(),
                             partition: rec.position.partition,
@@ -437,18 +427,14 @@ pub async fn run_with(
         evaluate(&learner, &mut holdout, &metrics).await?
     };
     let need_final = learner.step_count() > last_snapshot_step
-        || !pending.events.is_empty()
+        || !ledger.pending.events.is_empty()
         || (summary.snapshots_written == 0 && writer.outstanding() == 0);
     if need_final {
         dead.flush().await?;
-        snapshot(
+        ledger.snapshot(
             &cfg,
             &learner,
-            &mut pending,
-            &tracker,
             &buffer,
-            &mut accounted,
-            &parent,
             (eval.n > 0).then_some((&eval, &holdout)),
             &mut writer,
         )?;
@@ -545,55 +531,63 @@ async fn completed(
     Ok(())
 }
 
-/// Copy the learner's state out and hand it to the background writer; offsets are committed
-/// by [`completed`] once the write is durable.
-#[allow(clippy::too_many_arguments)]
-fn snapshot(
-    cfg: &Config,
-    learner: &Learner,
-    pending: &mut Pending,
-    tracker: &OffsetTracker,
-    buffer: &EventBuffer,
-    accounted: &mut u64,
-    parent: &Option<String>,
-    eval: Option<(&EvalReport, &VecDeque<(PreferenceEvent, Position)>)>,
-    writer: &mut BackgroundWriter,
-) -> Result<()> {
-    let offsets = tracker.covered(buffer.positions());
-    // Only account for records below the covered offsets; the rest are re-read on resume
-    // and so belong to a later snapshot.
-    let (now, later): (Vec<EventRecord>, Vec<EventRecord>) = std::mem::take(&mut pending.events)
-        .into_iter()
-        .partition(|e| {
-            offsets
-                .get(&e.stream, e.partition)
-                .is_none_or(|next| e.offset < next)
-        });
-    pending.events = later;
-    *accounted += now.len() as u64;
-    let (weights, optimizer, optimizer_step) = learner.export()?;
-    let content = SnapshotContent {
-        step: learner.step_count(),
-        events_seen: *accounted,
-        objective: learner.objective_name().to_string(),
-        config_hash: cfg.hash(),
-        parent: parent.clone(),
-        weights,
-        optimizer,
-        optimizer_step,
-        learner_state: serde_json::to_value(learner.state())?,
-        offsets,
-        metrics: std::mem::take(&mut pending.metrics),
-        events: now,
-        link_curve: learner.link().curve(),
-        eval: eval.map(|(e, holdout)| {
-            let prompts = holdout.iter().map(|(ev, _)| ev.prompt.as_str());
-            let seed = cfg.run.seed ^ learner.step_count();
-            let kl = crate::promote::estimate_kl(learner.policy(), prompts, &cfg.promote, seed);
-            Evaluation::from_report(e, kl)
-        }),
-    };
-    writer.submit(content)
+/// Snapshot bookkeeping: records not yet in a snapshot, the offset tracker, how many records
+/// the snapshot chain accounts for, and the snapshot being resumed from.
+struct Ledger {
+    pending: Pending,
+    tracker: OffsetTracker,
+    accounted: u64,
+    parent: Option<String>,
+}
+
+impl Ledger {
+    /// Copy the learner's state out and hand it to the background writer; offsets are committed
+    /// by [`completed`] once the write is durable.
+    fn snapshot(
+        &mut self,
+        cfg: &Config,
+        learner: &Learner,
+        buffer: &EventBuffer,
+        eval: Option<(&EvalReport, &VecDeque<(PreferenceEvent, Position)>)>,
+        writer: &mut BackgroundWriter,
+    ) -> Result<()> {
+        let offsets = self.tracker.covered(buffer.positions());
+        // Only account for records below the covered offsets; the rest are re-read on resume
+        // and so belong to a later snapshot.
+        let (now, later): (Vec<EventRecord>, Vec<EventRecord>) =
+            std::mem::take(&mut self.pending.events)
+                .into_iter()
+                .partition(|e| {
+                    offsets
+                        .get(&e.stream, e.partition)
+                        .is_none_or(|next| e.offset < next)
+                });
+        self.pending.events = later;
+        self.accounted += now.len() as u64;
+        let (weights, optimizer, optimizer_step) = learner.export()?;
+        let content = SnapshotContent {
+            step: learner.step_count(),
+            events_seen: self.accounted,
+            objective: learner.objective_name().to_string(),
+            config_hash: cfg.hash(),
+            parent: self.parent.clone(),
+            weights,
+            optimizer,
+            optimizer_step,
+            learner_state: serde_json::to_value(learner.state())?,
+            offsets,
+            metrics: std::mem::take(&mut self.pending.metrics),
+            events: now,
+            link_curve: learner.link().curve(),
+            eval: eval.map(|(e, holdout)| {
+                let prompts = holdout.iter().map(|(ev, _)| ev.prompt.as_str());
+                let seed = cfg.run.seed ^ learner.step_count();
+                let kl = crate::promote::estimate_kl(learner.policy(), prompts, &cfg.promote, seed);
+                Evaluation::from_report(e, kl)
+            }),
+        };
+        writer.submit(content)
+    }
 }
 
 /// Run with the configured source and sink, serving metrics while it runs.
