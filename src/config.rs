@@ -2,6 +2,7 @@
 //! `--set dotted.key=value` overrides, in that order. Unknown keys and bad values are errors
 //! that name the key.
 
+use crate::learner::replay::ReplayConfig;
 use crate::link::LinkConfig;
 use crate::model::ModelConfig;
 use crate::objective::ObjectiveConfig;
@@ -117,6 +118,7 @@ pub struct Config {
     pub optim: OptimConfig,
     pub snapshot: SnapshotConfig,
     pub promote: PromoteConfig,
+    pub replay: ReplayConfig,
     pub metrics: MetricsConfig,
 }
 
@@ -232,6 +234,7 @@ impl Config {
         }
         self.optim.validate()?;
         self.promote.validate()?;
+        self.replay.validate()?;
         self.objective.validate()?;
         if self.link.bins < 4 {
             return Err(format!("link.bins: must be >= 4, got {}", self.link.bins));

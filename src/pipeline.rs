@@ -579,6 +579,7 @@ impl Ledger {
             metrics: std::mem::take(&mut self.pending.metrics),
             events: now,
             link_curve: learner.link().curve(),
+            replay: learner.replay_batch()?,
             eval: eval.map(|(e, holdout)| {
                 let prompts = holdout.iter().map(|(ev, _)| ev.prompt.as_str());
                 let seed = cfg.run.seed ^ learner.step_count();

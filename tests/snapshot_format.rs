@@ -62,6 +62,7 @@ fn content(step: u64, w: f32) -> SnapshotContent {
                 objective: "dpo".into(),
                 loss: 0.69 - s as f64 * 0.01,
                 pairs: 4,
+                replayed: 4,
                 grad_norm: 0.3,
                 index_mean: 0.0,
                 index_std: 0.1,
@@ -84,6 +85,7 @@ fn content(step: u64, w: f32) -> SnapshotContent {
             })
             .collect(),
         link_curve: curve,
+        replay: None,
         eval: Some(Evaluation {
             n: 40,
             accuracy: 0.6,

@@ -17,7 +17,14 @@
 //!   cov(t, z) on the training pairs;
 //! - PSPO: `pspo_warm` DPO epochs, then `pspo_outer` rounds of (isotonic fit on the detached
 //!   index of all pairs, knots at the distinct t, clipped to [1e-4, 1 − 1e-4], linear
-//!   interpolation; `pspo_inner` epochs of the Bernoulli likelihood).
+//!   interpolation with knot gaps floored at 1e-6; `pspo_inner` epochs of the Bernoulli
+//!   likelihood).
+//!
+//! The paper's code (causalml/spo, `synthetic/`) run on the same setup agrees with these numbers
+//! within seed noise: `spoke bench compare` puts the two `results.csv` side by side
+//! (BENCHMARKS.md). Beside the paper protocol, a variant study runs spoke's own PSPO, whose
+//! isotonic curve has one knot per PAVA block (as the pipeline's [`RecursiveLink`]), so that
+//! every pair gets a gradient (`variants.csv`).
 //!
 //! Evaluation on fresh contexts: π_β ∝ π_ref^(1−1/β)·π_θ^(1/β) for β on the paper's grid, the
 //! average true reward E Σ_y π_β r* and KL(π_β‖π_ref); the reward at a KL budget κ is
@@ -26,15 +33,17 @@
 //! Budget sweep: every method's schedule is run to the largest budget and evaluated after E
 //! epochs for each E (PSPO continues with further rounds of refit + `pspo_inner` epochs; OSPO
 //! counts its warm-up epochs), which is exactly the method trained for E epochs on the same data.
-//! Streaming: the n events pass once, in order, in minibatches of `stream_batch`, through
-//! [`crate::learner::update_on_index`] with the configured [`Objective`] and a
-//! [`RecursiveLink`], as the pipeline's learner does.
+//! Streaming: the n events arrive once, in order, in minibatches of `stream_batch`, through
+//! [`crate::learner::update_on_index`] with the configured [`Objective`], a [`RecursiveLink`]
+//! and the pipeline's [`ReplayBuffer`] (each step also trains on `ratio` × batch pairs drawn from
+//! the most recent ones), as the pipeline's learner does; one run per replay ratio.
 
 #[path = "mlp.rs"]
 pub mod mlp;
 
+use crate::learner::replay::{ReplayBuffer, ReplayConfig};
 use crate::learner::update_on_index;
-use crate::link::{isotonic_fit, sigmoid, LinkConfig, PiecewiseLinear, RecursiveLink};
+use crate::link::{isotonic_fit, sigmoid, Knots, LinkConfig, PiecewiseLinear, RecursiveLink};
 use crate::objective::{
     bernoulli_nll, cov_sign, dpo_loss, index, kernel_link, rspo_loss, std_floor, Divergence,
     Objective, ObjectiveConfig, ObjectiveKind,
@@ -113,6 +122,10 @@ pub struct SyntheticBenchArgs {
     /// PSPO epochs per round.
     #[arg(long, default_value_t = 2)]
     pub pspo_inner: u32,
+    /// Knots of PSPO's isotonic link: `points` (one per pair, the paper's code) or `blocks`
+    /// (one per PAVA block, at its centre: a gradient for every pair).
+    #[arg(long, default_value = "points", value_parser = parse_knots)]
+    pub pspo_knots: Knots,
     /// Minibatch size.
     #[arg(long, default_value_t = 128)]
     pub batch_size: u32,
@@ -128,12 +141,30 @@ pub struct SyntheticBenchArgs {
     /// Minibatch size of the streaming mode.
     #[arg(long, default_value_t = 8)]
     pub stream_batch: u32,
+    /// Replay ratios of the streaming study (comma list; replayed pairs per fresh pair, drawn
+    /// from the pipeline's replay buffer; 0: each event trained on exactly once).
+    #[arg(long, default_value = "0,1,4")]
+    pub stream_replay: String,
+    /// Capacity of the streaming study's replay buffer (most recent pairs).
+    #[arg(long, default_value_t = 1024)]
+    pub stream_replay_capacity: u32,
     /// Skip the streaming study.
     #[arg(long)]
     pub no_streaming: bool,
+    /// Skip the study of spoke's PSPO (block knots) beside the paper protocol's.
+    #[arg(long)]
+    pub no_variants: bool,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+fn parse_knots(s: &str) -> Result<Knots, String> {
+    match s {
+        "points" => Ok(Knots::Points),
+        "blocks" => Ok(Knots::Blocks),
+        _ => Err(format!("expected `points` or `blocks`, got {s:?}")),
+    }
 }
 
 /// Parses `a..b`, `a..=b` or `a,b,c`.
@@ -436,6 +467,7 @@ fn train_offline(
     data: &SeedData,
     z: Vec<f64>,
     method: ObjectiveKind,
+    knots: Knots,
     checkpoints: &BTreeSet<usize>,
     a: &SyntheticBenchArgs,
 ) -> Result<Vec<(usize, Curve)>> {
@@ -474,7 +506,7 @@ fn train_offline(
                     tr.epoch(&Phase::Dpo)?
                 } else {
                     if (e - a.pspo_warm as usize) % (a.pspo_inner as usize).max(1) == 0 {
-                        iso = isotonic_fit(&tr.index_all()?, &tr.z, 1e-4);
+                        iso = isotonic_fit(&tr.index_all()?, &tr.z, 1e-4, knots);
                     }
                     tr.epoch(&Phase::Pspo { iso: &iso })?
                 }
@@ -492,6 +524,7 @@ fn train_streaming(
     data: &SeedData,
     z: &[f64],
     method: ObjectiveKind,
+    replay_ratio: f64,
     a: &SyntheticBenchArgs,
 ) -> Result<(Curve, f64)> {
     let dev = Device::Cpu;
@@ -507,28 +540,43 @@ fn train_streaming(
         ..Default::default()
     });
     let mut link = RecursiveLink::new(LinkConfig::default());
+    // The pipeline's replay buffer, holding pair indices instead of Arrow rows.
+    let mut replay = ReplayBuffer::new(
+        ReplayConfig {
+            capacity: a.stream_replay_capacity as usize,
+            ratio: replay_ratio,
+        },
+        stream_seed(data.seed, 5),
+    );
     let lref = -(K as f64).ln() as f32;
     let mut step = 0u64;
     for start in (0..data.n).step_by(bs) {
         let end = (start + bs).min(data.n);
-        let b = end - start;
-        let xb = data.x.narrow(0, start, b)?;
-        let lp = model.log_probs(&xb)?;
+        let mut rows: Vec<usize> = (start..end).collect();
+        rows.extend(replay.draw(end - start));
+        let b = rows.len();
+        let idx = Tensor::from_vec(
+            rows.iter().map(|i| *i as u32).collect::<Vec<_>>(),
+            b,
+            &dev,
+        )?;
+        let lp = model.log_probs(&data.x.index_select(&idx, 0)?)?;
         let oh = |ys: &[usize]| -> Result<Tensor> {
             let mut v = vec![0f32; b * K];
-            for (i, y) in ys.iter().enumerate() {
-                v[i * K + y] = 1.0;
+            for (k, i) in rows.iter().enumerate() {
+                v[k * K + ys[*i]] = 1.0;
             }
             Ok(Tensor::from_vec(v, (b, K), &dev)?)
         };
-        let lp1 = (&lp * oh(&data.y1[start..end])?)?.sum(1)?;
-        let lp0 = (&lp * oh(&data.y0[start..end])?)?.sum(1)?;
+        let lp1 = (&lp * oh(&data.y1)?)?.sum(1)?;
+        let lp0 = (&lp * oh(&data.y0)?)?.sum(1)?;
         let rf = Tensor::full(lref, b, &dev)?;
         let t = index(Divergence::Kl, &lp1, &rf, &lp0, &rf)?;
-        let zb: Vec<f32> = z[start..end].iter().map(|v| *v as f32).collect();
+        let zb: Vec<f32> = rows.iter().map(|i| z[*i] as f32).collect();
         let core = update_on_index(&mut obj, &mut link, &mut opt, &t, &zb, &vec![1.0; b], step)?;
         if core.applied {
             step += 1;
+            replay.extend(start..end);
         }
     }
     let zeta = obj.index_sign();
@@ -544,13 +592,16 @@ struct Job {
     seed_ix: usize,
     s: f64,
     method: ObjectiveKind,
-    streaming: bool,
+    /// Streaming with this replay ratio (None: offline).
+    streaming: Option<f64>,
+    /// PSPO's isotonic knots for this job (the variant study differs from `--pspo-knots`).
+    knots: Knots,
 }
 
 impl Job {
     fn cost(&self, a: &SyntheticBenchArgs, last: usize) -> f64 {
-        if self.streaming {
-            return 1.0;
+        if let Some(r) = self.streaming {
+            return 1.0 + r;
         }
         let e = last.max(main_epochs(self.method, a)) as f64;
         match self.method {
@@ -566,12 +617,14 @@ enum JobOut {
         seed: u64,
         s: f64,
         method: ObjectiveKind,
+        knots: Knots,
         curves: Vec<(usize, Curve)>,
     },
     Stream {
         seed: u64,
         s: f64,
         method: ObjectiveKind,
+        replay: f64,
         curve: Curve,
         drift_sup: f64,
     },
@@ -590,7 +643,10 @@ pub struct Row {
 pub struct Outcome {
     pub results: Vec<Row>,
     pub budget: Vec<(usize, Row)>,
-    pub streaming: Vec<(Row, f64)>,
+    /// spoke's PSPO (block knots) at the paper schedule and at each budget: (epochs, row).
+    pub variants: Vec<(usize, Row)>,
+    /// (replay ratio, row, link drift sup at the end).
+    pub streaming: Vec<(f64, Row, f64)>,
     pub seconds: f64,
 }
 
@@ -621,6 +677,10 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
     let s_grid: Vec<f64> = parse_list("--s", &args.s)?;
     let methods: Vec<ObjectiveKind> = parse_list("--methods", &args.methods)?;
     let budgets: Vec<usize> = parse_list("--epochs-budget", &args.epochs_budget)?;
+    let replay_ratios: Vec<f64> = parse_list("--stream-replay", &args.stream_replay)?;
+    if replay_ratios.iter().any(|r| !(*r >= 0.0 && *r <= 64.0)) {
+        bail!("--stream-replay: ratios must be in [0, 64], got {replay_ratios:?}");
+    }
     if seeds.is_empty() || s_grid.is_empty() || methods.is_empty() {
         bail!("--seeds, --s and --methods must each name at least one value");
     }
@@ -649,18 +709,29 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
     for seed_ix in 0..data.len() {
         for &s in &s_grid {
             for &method in &methods {
-                jobs.push(Job {
+                let job = Job {
                     seed_ix,
                     s,
                     method,
-                    streaming: false,
-                });
+                    streaming: None,
+                    knots: args.pspo_knots,
+                };
+                jobs.push(job);
                 if !args.no_streaming {
+                    for &r in &replay_ratios {
+                        jobs.push(Job {
+                            streaming: Some(r),
+                            ..job
+                        });
+                    }
+                }
+                if method == ObjectiveKind::Pspo
+                    && !args.no_variants
+                    && args.pspo_knots != Knots::Blocks
+                {
                     jobs.push(Job {
-                        seed_ix,
-                        s,
-                        method,
-                        streaming: true,
+                        knots: Knots::Blocks,
+                        ..job
                     });
                 }
             }
@@ -701,6 +772,7 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
     let mut oc = Outcome {
         results: vec![],
         budget: vec![],
+        variants: vec![],
         streaming: vec![],
         seconds: 0.0,
     };
@@ -710,6 +782,7 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
                 seed,
                 s,
                 method,
+                knots,
                 curves,
             } => {
                 let main = main_epochs(method, &args);
@@ -720,6 +793,10 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
                         method,
                         curve: c,
                     };
+                    if knots != args.pspo_knots {
+                        oc.variants.push((e, row));
+                        continue;
+                    }
                     if e == main {
                         oc.results.push(row.clone());
                     }
@@ -732,9 +809,11 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
                 seed,
                 s,
                 method,
+                replay,
                 curve,
                 drift_sup,
             } => oc.streaming.push((
+                replay,
                 Row {
                     seed,
                     s,
@@ -748,7 +827,9 @@ pub fn run(args: SyntheticBenchArgs) -> anyhow::Result<()> {
     let key = |r: &Row| (r.s.to_bits(), r.seed, r.method as u8);
     oc.results.sort_by_key(key);
     oc.budget.sort_by_key(|(e, r)| (*e, key(r)));
-    oc.streaming.sort_by_key(|(r, _)| key(r));
+    oc.variants.sort_by_key(|(e, r)| (*e, key(r)));
+    oc.streaming
+        .sort_by(|x, y| x.0.total_cmp(&y.0).then(key(&x.1).cmp(&key(&y.1))));
     oc.seconds = started.elapsed().as_secs_f64();
     write_outputs(&args, &oc, threads)?;
     println!(
@@ -780,25 +861,30 @@ fn run_job(
         d.seed,
         job.s,
         job.method.as_str(),
-        if job.streaming { " (streaming)" } else { "" }
+        match job.streaming {
+            Some(r) => format!(" (streaming, replay ratio {r})"),
+            None => String::new(),
+        }
     );
-    if job.streaming {
-        let (curve, drift_sup) = train_streaming(d, &z, job.method, a).context(what)?;
+    if let Some(replay) = job.streaming {
+        let (curve, drift_sup) = train_streaming(d, &z, job.method, replay, a).context(what)?;
         return Ok(JobOut::Stream {
             seed: d.seed,
             s: job.s,
             method: job.method,
+            replay,
             curve,
             drift_sup,
         });
     }
     let mut cps: BTreeSet<usize> = budgets.iter().copied().collect();
     cps.insert(main_epochs(job.method, a));
-    let curves = train_offline(d, z, job.method, &cps, a).context(what)?;
+    let curves = train_offline(d, z, job.method, job.knots, &cps, a).context(what)?;
     Ok(JobOut::Offline {
         seed: d.seed,
         s: job.s,
         method: job.method,
+        knots: job.knots,
         curves,
     })
 }
@@ -827,7 +913,7 @@ fn csv_rows(out: &mut String, r: &Row, n: u32, tau: f64, extra: Option<&str>) {
 const HEADER: &str = "seed,n,s,tau,method,beta,avg_reward,avg_kl";
 
 /// Mean, standard deviation (ddof 0) and standard error (ddof 1) of a sample.
-fn stats(v: &[f64]) -> (f64, f64, f64) {
+pub(crate) fn stats(v: &[f64]) -> (f64, f64, f64) {
     let n = v.len() as f64;
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
@@ -979,10 +1065,17 @@ fn write_outputs(a: &SyntheticBenchArgs, oc: &Outcome, threads: usize) -> Result
     }
     write("budget.csv", &csv)?;
     let mut csv = format!("{HEADER},mode\n");
-    for (r, _) in &oc.streaming {
-        csv_rows(&mut csv, r, a.n, a.tau, Some("stream"));
+    for (ratio, r, _) in &oc.streaming {
+        csv_rows(&mut csv, r, a.n, a.tau, Some(&format!("stream_replay{ratio}")));
     }
     write("streaming.csv", &csv)?;
+    if !oc.variants.is_empty() {
+        let mut csv = format!("{HEADER},epochs,knots\n");
+        for (e, r) in &oc.variants {
+            csv_rows(&mut csv, r, a.n, a.tau, Some(&format!("{e},blocks")));
+        }
+        write("variants.csv", &csv)?;
+    }
 
     let kappa = a.kappa;
     let mut md = String::new();
@@ -1047,23 +1140,72 @@ fn write_outputs(a: &SyntheticBenchArgs, oc: &Outcome, threads: usize) -> Result
             gain_table(&mut md, &ak, kappa, None);
         }
     }
+    if !oc.variants.is_empty() {
+        let main = main_epochs(ObjectiveKind::Pspo, a);
+        let _ = writeln!(
+            md,
+            "\n## spoke's PSPO: isotonic link with one knot per PAVA block (`variants.csv`)\n\n\
+             The paper's PSPO interpolates the isotonic fit through a knot at every pair's index: \
+             the curve is flat across each PAVA block and jumps between blocks, so most pairs get \
+             no gradient and a few get a very large one. spoke's PSPO (the pipeline's, and \
+             `--pspo-knots blocks` here) puts one knot at each block's centre, so the curve rises \
+             between blocks and every pair inside the range gets a gradient. Same data, schedule \
+             and seeds as above; the paired gain is over the DPO of the table it sits beside.\n"
+        );
+        let _ = writeln!(md, "### Paper schedule (PSPO {main} epochs; DPO 100 epochs as above)\n");
+        let ak = at_kappa(
+            oc.results
+                .iter()
+                .filter(|r| r.method == ObjectiveKind::Dpo)
+                .chain(oc.variants.iter().filter(|(e, _)| *e == main).map(|(_, r)| r)),
+            kappa,
+        );
+        gain_table(&mut md, &ak, kappa, None);
+        let es: BTreeSet<usize> = oc.budget.iter().map(|(e, _)| *e).collect();
+        for e in es {
+            let _ = writeln!(md, "\n### E = {e} epochs (DPO also {e} epochs)\n");
+            let ak = at_kappa(
+                oc.budget
+                    .iter()
+                    .filter(|(x, r)| *x == e && r.method == ObjectiveKind::Dpo)
+                    .chain(oc.variants.iter().filter(|(x, _)| *x == e))
+                    .map(|(_, r)| r),
+                kappa,
+            );
+            gain_table(&mut md, &ak, kappa, None);
+        }
+    }
     if !oc.streaming.is_empty() {
         let _ = writeln!(
             md,
-            "\n## Streaming (each event once, in order, minibatch {}, through learner::update_on_index with RecursiveLink)\n",
-            a.stream_batch
+            "\n## Streaming (each event arrives once, in order, in minibatches of {}, through \
+             learner::update_on_index with the RecursiveLink and the pipeline's replay buffer of \
+             the {} most recent pairs)\n\n\
+             Replay ratio r: each step also trains on r × {} pairs drawn from the replay buffer; \
+             r = 0 trains on every event exactly once.",
+            a.stream_batch, a.stream_replay_capacity, a.stream_batch
         );
-        let ak = at_kappa(oc.streaming.iter().map(|(r, _)| r), kappa);
-        let mut drift: BTreeMap<(u64, u8), Vec<f64>> = BTreeMap::new();
-        for (r, d) in &oc.streaming {
-            drift
-                .entry((r.s.to_bits(), r.method as u8))
-                .or_default()
-                .push(*d);
+        let ratios: Vec<f64> = {
+            let mut v: Vec<f64> = oc.streaming.iter().map(|x| x.0).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v.dedup();
+            v
+        };
+        for r in ratios {
+            let _ = writeln!(md, "\n### Replay ratio {r}\n");
+            let rows = || oc.streaming.iter().filter(move |x| x.0 == r);
+            let ak = at_kappa(rows().map(|x| &x.1), kappa);
+            let mut drift: BTreeMap<(u64, u8), Vec<f64>> = BTreeMap::new();
+            for (_, row, d) in rows() {
+                drift
+                    .entry((row.s.to_bits(), row.method as u8))
+                    .or_default()
+                    .push(*d);
+            }
+            let drift: BTreeMap<(u64, u8), f64> =
+                drift.into_iter().map(|(k, v)| (k, stats(&v).0)).collect();
+            gain_table(&mut md, &ak, kappa, Some(&drift));
         }
-        let drift: BTreeMap<(u64, u8), f64> =
-            drift.into_iter().map(|(k, v)| (k, stats(&v).0)).collect();
-        gain_table(&mut md, &ak, kappa, Some(&drift));
     }
     let plots = plots(a, oc);
     let _ = writeln!(md, "\n## Plots\n");
@@ -1087,6 +1229,9 @@ const COLORS: [plotters::style::RGBColor; 4] = [
     plotters::style::RGBColor(44, 160, 44),
     plotters::style::RGBColor(214, 39, 40),
 ];
+/// Colour of spoke's PSPO (block knots) beside the paper protocol's four methods.
+const VARIANT_COLOR: plotters::style::RGBColor = plotters::style::RGBColor(148, 103, 189);
+const VARIANT_NAME: &str = "pspo (block knots)";
 
 /// Registers DejaVu Sans for plot text; false if no font is found.
 fn register_font() -> bool {
@@ -1278,23 +1423,43 @@ fn plots(a: &SyntheticBenchArgs, oc: &Outcome) -> Result<Vec<String>> {
         )?;
         files.push(name);
     }
-    let ak = at_kappa(oc.results.iter(), a.kappa);
-    let c = cells(&ak);
-    let series: Vec<Series> = methods_in(&ak)
-        .into_iter()
-        .map(|m| {
-            let pts: Vec<(f64, f64, f64, f64)> = s_in(&ak)
-                .into_iter()
-                .filter_map(|s| c.get(&(s.to_bits(), m)).map(|x| (s, x.mean, x.lo, x.hi)))
-                .collect();
-            Series {
-                name: kind_of(m).as_str().to_string(),
-                color: COLORS[m as usize % 4],
-                pts: pts.iter().map(|p| (p.0, p.1)).collect(),
-                band: Some(pts.iter().map(|p| (p.0, p.2, p.3)).collect()),
-            }
-        })
-        .collect();
+    let level_series = |rows: Vec<&Row>, variant: bool| -> Vec<Series> {
+        let ak = at_kappa(rows.into_iter(), a.kappa);
+        let c = cells(&ak);
+        methods_in(&ak)
+            .into_iter()
+            .map(|m| {
+                let pts: Vec<(f64, f64, f64, f64)> = s_in(&ak)
+                    .into_iter()
+                    .filter_map(|s| c.get(&(s.to_bits(), m)).map(|x| (s, x.mean, x.lo, x.hi)))
+                    .collect();
+                Series {
+                    name: if variant {
+                        VARIANT_NAME.to_string()
+                    } else {
+                        kind_of(m).as_str().to_string()
+                    },
+                    color: if variant {
+                        VARIANT_COLOR
+                    } else {
+                        COLORS[m as usize % 4]
+                    },
+                    pts: pts.iter().map(|p| (p.0, p.1)).collect(),
+                    band: Some(pts.iter().map(|p| (p.0, p.2, p.3)).collect()),
+                }
+            })
+            .collect()
+    };
+    let pspo_main = main_epochs(ObjectiveKind::Pspo, a);
+    let mut series = level_series(oc.results.iter().collect(), false);
+    series.extend(level_series(
+        oc.variants
+            .iter()
+            .filter(|(e, _)| *e == pspo_main)
+            .map(|(_, r)| r)
+            .collect(),
+        true,
+    ));
     let name = "reward_vs_s.png".to_string();
     plot(
         &a.out.join(&name),
@@ -1306,15 +1471,22 @@ fn plots(a: &SyntheticBenchArgs, oc: &Outcome) -> Result<Vec<String>> {
     files.push(name);
     if !oc.budget.is_empty() {
         if let Some(smax) = s_vals.last() {
-            let rows: Vec<(usize, &Row)> = oc
+            let budgets: BTreeSet<usize> = oc.budget.iter().map(|(e, _)| *e).collect();
+            // Key: method, or 255 for spoke's PSPO variant.
+            let rows = oc
                 .budget
                 .iter()
-                .filter(|(_, r)| r.s == *smax)
-                .map(|(e, r)| (*e, r))
-                .collect();
+                .map(|(e, r)| (*e, r, r.method as u8))
+                .chain(
+                    oc.variants
+                        .iter()
+                        .filter(|(e, _)| budgets.contains(e))
+                        .map(|(e, r)| (*e, r, u8::MAX)),
+                )
+                .filter(|(_, r, _)| r.s == *smax);
             let mut by: BTreeMap<u8, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
-            for (e, r) in rows {
-                by.entry(r.method as u8)
+            for (e, r, key) in rows {
+                by.entry(key)
                     .or_default()
                     .entry(e)
                     .or_default()
@@ -1323,8 +1495,16 @@ fn plots(a: &SyntheticBenchArgs, oc: &Outcome) -> Result<Vec<String>> {
             let series: Vec<Series> = by
                 .into_iter()
                 .map(|(m, es)| Series {
-                    name: kind_of(m).as_str().to_string(),
-                    color: COLORS[m as usize % 4],
+                    name: if m == u8::MAX {
+                        VARIANT_NAME.to_string()
+                    } else {
+                        kind_of(m).as_str().to_string()
+                    },
+                    color: if m == u8::MAX {
+                        VARIANT_COLOR
+                    } else {
+                        COLORS[m as usize % 4]
+                    },
                     pts: es
                         .iter()
                         .map(|(e, v)| ((*e as f64).max(1.0).log10(), stats(v).0))

@@ -42,6 +42,9 @@ pub fn pava(y: &[f64], w: &[f64]) -> Vec<f64> {
     out
 }
 
+/// Smallest knot gap used for a slope.
+pub const MIN_GAP: f64 = 1e-6;
+
 /// A piecewise-linear function through knots (x strictly increasing), constant outside.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PiecewiseLinear {
@@ -91,7 +94,9 @@ impl PiecewiseLinear {
         }
         let i = self.x.partition_point(|k| *k < t).clamp(1, n - 1);
         let (x0, x1, y0, y1) = (self.x[i - 1], self.x[i], self.y[i - 1], self.y[i]);
-        let b = (y1 - y0) / (x1 - x0).max(1e-12);
+        // Gaps under 1e-6 are widened to 1e-6 (as the paper's code clamps them), which bounds
+        // the slope between two almost equal knots.
+        let b = (y1 - y0) / (x1 - x0).max(MIN_GAP);
         (y0 - b * x0, b)
     }
 
@@ -119,9 +124,20 @@ impl PiecewiseLinear {
     }
 }
 
-/// Isotonic fit of labels on raw (unbinned) index values, as the paper's PSPO does: knots at
-/// the distinct sorted t, weighted by their counts, values clipped to [eps, 1 − eps].
-pub fn isotonic_fit(t: &[f64], z: &[f64], eps: f64) -> PiecewiseLinear {
+/// Where an isotonic fit puts the knots of its interpolant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Knots {
+    /// One knot per distinct input point (the paper's PSPO): the curve is flat across each
+    /// PAVA block and steep between blocks, so most points get no gradient.
+    Points,
+    /// One knot per PAVA block, at the block's weight-weighted mean input: the curve rises
+    /// between block centres, so every point inside the range gets a gradient.
+    Blocks,
+}
+
+/// Isotonic fit of labels on raw (unbinned) index values: PAVA on the distinct sorted t,
+/// weighted by their counts, values clipped to [eps, 1 − eps], knots placed as `knots` says.
+pub fn isotonic_fit(t: &[f64], z: &[f64], eps: f64, knots: Knots) -> PiecewiseLinear {
     let mut idx: Vec<usize> = (0..t.len()).collect();
     idx.sort_by(|a, b| t[*a].total_cmp(&t[*b]));
     let mut xs: Vec<f64> = Vec::new();
@@ -139,8 +155,32 @@ pub fn isotonic_fit(t: &[f64], z: &[f64], eps: f64) -> PiecewiseLinear {
     }
     let means: Vec<f64> = sums.iter().zip(&counts).map(|(s, c)| s / c).collect();
     let fit = pava(&means, &counts);
-    let y = fit.into_iter().map(|v| v.clamp(eps, 1.0 - eps)).collect();
-    PiecewiseLinear { x: xs, y }
+    match knots {
+        Knots::Points => {
+            let y = fit.into_iter().map(|v| v.clamp(eps, 1.0 - eps)).collect();
+            PiecewiseLinear { x: xs, y }
+        }
+        Knots::Blocks => block_knots(&xs, &fit, &counts, eps),
+    }
+}
+
+/// One knot per run of equal fitted values (a PAVA block), at the block's weighted mean x.
+pub fn block_knots(xs: &[f64], fitted: &[f64], ws: &[f64], eps: f64) -> PiecewiseLinear {
+    let (mut kx, mut ky) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < xs.len() {
+        let (mut sw, mut st) = (0.0, 0.0);
+        let mut j = i;
+        while j < xs.len() && fitted[j] == fitted[i] {
+            sw += ws[j];
+            st += ws[j] * xs[j];
+            j += 1;
+        }
+        kx.push(if sw > 0.0 { st / sw } else { xs[i] });
+        ky.push(fitted[i].clamp(eps, 1.0 - eps));
+        i = j;
+    }
+    PiecewiseLinear::new(kx, ky)
 }
 
 #[cfg(test)]
@@ -198,11 +238,38 @@ mod tests {
 
     #[test]
     fn isotonic_fit_on_raw_points() {
-        let p = isotonic_fit(&[2.0, 0.0, 1.0, 1.0, 3.0], &[0.0, 0.0, 1.0, 0.0, 1.0], 1e-4);
+        let p = isotonic_fit(
+            &[2.0, 0.0, 1.0, 1.0, 3.0],
+            &[0.0, 0.0, 1.0, 0.0, 1.0],
+            1e-4,
+            Knots::Points,
+        );
         assert_eq!(p.x, vec![0.0, 1.0, 2.0, 3.0]);
         // means [0, 0.5, 0, 1] weights [1, 2, 1, 1] -> [0, 1/3, 1/3, 1] clipped
         assert!((p.y[0] - 1e-4).abs() < 1e-15);
         assert!((p.y[1] - 1.0 / 3.0).abs() < 1e-12 && (p.y[2] - 1.0 / 3.0).abs() < 1e-12);
         assert!((p.y[3] - (1.0 - 1e-4)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn isotonic_fit_block_knots() {
+        // z over sorted t = 0..6: [0, 1, 0, 0, 1, 1] → PAVA blocks {0}, {1,2,3} = 1/3, {4,5} = 1.
+        let t = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let z = [0.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+        let p = isotonic_fit(&t, &z, 1e-4, Knots::Blocks);
+        assert_eq!(p.x, vec![0.0, 2.0, 4.5]);
+        assert!((p.y[1] - 1.0 / 3.0).abs() < 1e-12 && p.y[0] == 1e-4 && p.y[2] == 1.0 - 1e-4);
+        // Inside a block the curve still rises (gradient), unlike the knots-at-points fit.
+        assert!(p.slope(1.5) > 0.0 && p.slope(3.0) > 0.0);
+        let q = isotonic_fit(&t, &z, 1e-4, Knots::Points);
+        assert_eq!(q.slope(1.5), 0.0);
+        // Both are monotone and agree with PAVA at the block centres.
+        assert!((q.eval(2.0) - p.eval(2.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn slope_between_nearly_equal_knots_is_bounded() {
+        let p = PiecewiseLinear::new(vec![0.0, 1e-9], vec![0.1, 0.9]);
+        assert!((p.slope(5e-10) - 0.8 / MIN_GAP).abs() < 1e-3);
     }
 }

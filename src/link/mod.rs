@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 pub use drift::{fit_logistic, sigmoid};
-pub use isotonic::{isotonic_fit, pava, PiecewiseLinear};
+pub use isotonic::{block_knots, isotonic_fit, pava, Knots, PiecewiseLinear};
 
 /// Half-width of the binned range, in running standard deviations.
 pub const SPAN: f64 = 4.0;
@@ -225,25 +225,10 @@ impl RecursiveLink {
             }
         }
         let fitted = pava(&ys, &ws);
-        let eps = self.cfg.eps;
         // One knot per PAVA block, at the block's mass-weighted mean index: the interpolant
         // then rises strictly between blocks (a gradient everywhere inside the range) instead
         // of being flat across each block.
-        let (mut kx, mut ky) = (Vec::new(), Vec::new());
-        let mut i = 0;
-        while i < xs.len() {
-            let (mut sw, mut st) = (0.0, 0.0);
-            let mut j = i;
-            while j < xs.len() && fitted[j] == fitted[i] {
-                sw += ws[j];
-                st += ws[j] * xs[j];
-                j += 1;
-            }
-            kx.push(st / sw);
-            ky.push(fitted[i].clamp(eps, 1.0 - eps));
-            i = j;
-        }
-        self.fit = PiecewiseLinear::new(kx, ky);
+        self.fit = block_knots(&xs, &fitted, &ws, self.cfg.eps);
     }
 
     /// Whether any observation has been folded in.

@@ -73,6 +73,7 @@ fn content(learner: &Learner, cfg: &Config) -> Result<SnapshotContent> {
         metrics: vec![],
         events: vec![],
         link_curve: learner.link().curve(),
+        replay: learner.replay_batch()?,
         eval: None,
     })
 }

@@ -52,7 +52,11 @@ pub struct StepRecord {
     pub time_ms: i64,
     pub objective: String,
     pub loss: f64,
+    /// Fresh pairs in the step.
     pub pairs: u32,
+    /// Pairs drawn from the replay buffer and trained on beside the fresh ones.
+    #[serde(default)]
+    pub replayed: u32,
     pub grad_norm: f64,
     pub index_mean: f64,
     pub index_std: f64,
@@ -154,6 +158,8 @@ pub struct SnapshotContent {
     pub events: Vec<EventRecord>,
     /// The learned link on its grid (`link.parquet`).
     pub link_curve: LinkCurve,
+    /// The learner's replay buffer, oldest first (`replay.parquet`; None: empty).
+    pub replay: Option<arrow::record_batch::RecordBatch>,
     /// Held-out evaluation of these weights (None: not evaluated, never auto-promoted).
     pub eval: Option<Evaluation>,
 }
@@ -202,6 +208,7 @@ pub const BOOKKEEPING_FILES: &[&str] = &[
     "link.parquet",
     "metrics.parquet",
     "events.parquet",
+    "replay.parquet",
     "manifest.json",
 ];
 
@@ -306,6 +313,9 @@ pub fn write_snapshot(data_dir: &Path, content: SnapshotContent) -> Result<Snaps
             "events.parquet",
             &parquet_io::events_parquet(&content.events)?,
         )?;
+        if let Some(r) = &content.replay {
+            put("replay.parquet", &parquet_io::batch_to_parquet(r)?)?;
+        }
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             name: name.clone(),

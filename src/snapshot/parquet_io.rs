@@ -67,6 +67,7 @@ pub fn steps_parquet(rows: &[StepRecord]) -> Result<Vec<u8>> {
         Field::new("objective", DataType::Utf8, false),
         Field::new("loss", DataType::Float64, false),
         Field::new("pairs", DataType::Int32, false),
+        Field::new("replayed", DataType::Int32, false),
         Field::new("grad_norm", DataType::Float64, false),
         Field::new("index_mean", DataType::Float64, false),
         Field::new("index_std", DataType::Float64, false),
@@ -88,6 +89,9 @@ pub fn steps_parquet(rows: &[StepRecord]) -> Result<Vec<u8>> {
         f(|r| r.loss),
         Arc::new(Int32Array::from_iter_values(
             rows.iter().map(|r| r.pairs as i32),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.replayed as i32),
         )),
         f(|r| r.grad_norm),
         f(|r| r.index_mean),

@@ -27,6 +27,8 @@ pub struct LoadedSnapshot {
     pub optimizer: HashMap<String, Tensor>,
     pub optimizer_step: u64,
     pub state: LearnerState,
+    /// The learner's replay buffer (`replay.parquet`), if the snapshot has one.
+    pub replay: Option<arrow::record_batch::RecordBatch>,
 }
 
 /// Verify a snapshot directory and read what resume needs from it.
@@ -54,12 +56,18 @@ pub fn read_snapshot(dir: &Path, device: &Device) -> Result<LoadedSnapshot> {
         .with_context(|| format!("{}: optimizer_step missing", state_path.display()))?;
     let ls: LearnerState = serde_json::from_value(state["learner"].clone())
         .with_context(|| format!("{}: learner state", state_path.display()))?;
+    let replay = if manifest.files.contains_key("replay.parquet") {
+        Some(super::parquet_io::read_parquet(&dir.join("replay.parquet"))?)
+    } else {
+        None
+    };
     Ok(LoadedSnapshot {
         manifest,
         weights,
         optimizer,
         optimizer_step,
         state: ls,
+        replay,
     })
 }
 
@@ -68,7 +76,13 @@ pub fn load_into(dir: &Path, learner: &mut Learner) -> Result<Manifest> {
     let device = learner.policy().device().clone();
     let s = read_snapshot(dir, &device)?;
     learner
-        .restore(&s.weights, &s.optimizer, s.optimizer_step, s.state)
+        .restore(
+            &s.weights,
+            &s.optimizer,
+            s.optimizer_step,
+            s.state,
+            s.replay.as_ref(),
+        )
         .with_context(|| format!("{}: restoring the learner", dir.display()))?;
     Ok(s.manifest)
 }
@@ -93,7 +107,13 @@ pub fn load_latest(data_dir: &Path, learner: &mut Learner) -> Result<Option<Resu
             }
         };
         learner
-            .restore(&s.weights, &s.optimizer, s.optimizer_step, s.state)
+            .restore(
+            &s.weights,
+            &s.optimizer,
+            s.optimizer_step,
+            s.state,
+            s.replay.as_ref(),
+        )
             .with_context(|| format!("{}: restoring the learner", dir.display()))?;
         return Ok(Some(Resumed {
             name,

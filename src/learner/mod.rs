@@ -1,6 +1,9 @@
 //! The learner: receives Arrow batches of validated events, computes the index of each pair
 //! with the policy and its frozen reference, the configured objective with the current link
-//! estimate, and takes an AdamW step. It never sees a consumer or a source.
+//! estimate, and takes an AdamW step. It never sees a consumer or a source. Each step also
+//! trains on a few recent pairs drawn from its replay buffer ([`replay`]).
+
+pub mod replay;
 
 use crate::buffer::BatchView;
 use crate::config::Config;
@@ -11,7 +14,10 @@ use crate::optim::AdamW;
 use crate::snapshot::StepRecord;
 use crate::source::{Position, PreferenceEvent};
 use anyhow::{Context, Result};
+use arrow::array::{ArrayRef, Float64Array};
 use arrow::record_batch::RecordBatch;
+use replay::{ReplayBuffer, ReplayRngState};
+use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -54,6 +60,9 @@ pub struct LearnerState {
     pub step: u64,
     pub link: RecursiveLink,
     pub objective: serde_json::Value,
+    /// Position of the replay sampling stream (the items are in `replay.parquet`).
+    #[serde(default)]
+    pub replay_rng: Option<ReplayRngState>,
 }
 
 pub struct Learner {
@@ -64,6 +73,21 @@ pub struct Learner {
     divergence: Divergence,
     beta: f64,
     step: u64,
+    /// Recent trained pairs as one-row batches with their reference log-probs filled in.
+    replay: ReplayBuffer<RecordBatch>,
+}
+
+/// `batch` with its reference log-prob columns replaced by `r0`, `r1`.
+fn with_refs(batch: &RecordBatch, r0: &[f32], r1: &[f32]) -> Result<RecordBatch> {
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    let schema = batch.schema();
+    for (name, r) in [("ref_logp_0", r0), ("ref_logp_1", r1)] {
+        let (i, _) = schema
+            .column_with_name(name)
+            .with_context(|| format!("batch has no column {name}"))?;
+        cols[i] = Arc::new(Float64Array::from_iter_values(r.iter().map(|v| *v as f64)));
+    }
+    Ok(RecordBatch::try_new(schema, cols)?)
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -197,6 +221,7 @@ impl Learner {
             opt,
             policy,
             step: 0,
+            replay: ReplayBuffer::new(cfg.replay.clone(), cfg.run.seed),
         })
     }
 
@@ -270,15 +295,30 @@ impl Learner {
         index(self.divergence, &lp1, &ref1, &lp0, &ref0)
     }
 
-    /// One optimiser step on a batch.
+    /// One optimiser step on a batch of fresh pairs, plus the pairs drawn from the replay
+    /// buffer (`replay.ratio` per fresh pair). Only the fresh pairs are reported as trained.
     pub fn step(&mut self, batch: &RecordBatch) -> Result<StepReport> {
         let started = Instant::now();
-        let v = BatchView::new(batch)?;
-        let n = v.len();
+        let n = batch.num_rows();
         anyhow::ensure!(n > 0, "empty batch");
+        let fresh = {
+            let v = BatchView::new(batch)?;
+            let (r0, r1) = self.refs(&v)?;
+            with_refs(batch, &r0, &r1)?
+        };
+        let replayed = self.replay.draw(n);
+        let k = replayed.len();
+        let all = if k == 0 {
+            fresh.clone()
+        } else {
+            let parts: Vec<&RecordBatch> = std::iter::once(&fresh).chain(&replayed).collect();
+            arrow::compute::concat_batches(&fresh.schema(), parts)
+                .context("joining replayed pairs to the batch")?
+        };
+        let v = BatchView::new(&all)?;
         let t = self.index_of(&v, true)?;
-        let z: Vec<f32> = (0..n).map(|i| v.label.value(i) as f32).collect();
-        let w: Vec<f32> = (0..n).map(|i| v.weight.value(i) as f32).collect();
+        let z: Vec<f32> = (0..n + k).map(|i| v.label.value(i) as f32).collect();
+        let w: Vec<f32> = (0..n + k).map(|i| v.weight.value(i) as f32).collect();
         let core = update_on_index(
             &mut self.objective,
             &mut self.link,
@@ -292,8 +332,11 @@ impl Learner {
         let z64: Vec<f64> = z.iter().map(|x| *x as f64).collect();
         if applied {
             self.step += 1;
+            self.replay.extend((0..n).map(|i| fresh.slice(i, 1)));
         }
-        let (m, s) = mean_std(&t_v);
+        let t_v = &t_v[..n];
+        let z64 = &z64[..n];
+        let (m, s) = mean_std(t_v);
         let drift = self.link.drift();
         let trained = if applied {
             (0..n)
@@ -313,10 +356,11 @@ impl Learner {
                 objective: self.objective_name().to_string(),
                 loss: loss_v,
                 pairs: n as u32,
+                replayed: k as u32,
                 grad_norm,
                 index_mean: m,
                 index_std: s,
-                batch_accuracy: pairwise_accuracy(&t_v, &z64),
+                batch_accuracy: pairwise_accuracy(t_v, z64),
                 step_seconds: started.elapsed().as_secs_f64(),
                 link_drift_sup: drift.sup,
                 link_drift_l2: drift.l2,
@@ -378,7 +422,25 @@ impl Learner {
             step: self.step,
             link: self.link.clone(),
             objective: self.objective.state(),
+            replay_rng: Some(self.replay.rng_state()),
         }
+    }
+
+    /// The replay buffer's pairs, oldest first, as one batch (None when empty).
+    pub fn replay_batch(&self) -> Result<Option<RecordBatch>> {
+        if self.replay.is_empty() {
+            return Ok(None);
+        }
+        let parts: Vec<&RecordBatch> = self.replay.items().collect();
+        Ok(Some(arrow::compute::concat_batches(
+            &crate::buffer::schema(),
+            parts,
+        )?))
+    }
+
+    /// Pairs held for replay.
+    pub fn replay_len(&self) -> usize {
+        self.replay.len()
     }
 
     /// Copy out weights and optimiser state for a snapshot.
@@ -395,6 +457,7 @@ impl Learner {
         optimizer: &HashMap<String, Tensor>,
         optimizer_step: u64,
         state: LearnerState,
+        replay: Option<&RecordBatch>,
     ) -> Result<()> {
         self.policy.load_trainable(weights)?;
         self.opt = AdamW::new(self.policy.trainable(), self.opt_cfg())?;
@@ -402,6 +465,20 @@ impl Learner {
         self.step = state.step;
         self.link = state.link;
         self.objective.load_state(&state.objective)?;
+        let items: Vec<RecordBatch> = match replay {
+            Some(b) => {
+                // Parquet may hand the columns back with its own schema metadata.
+                let b = RecordBatch::try_new(crate::buffer::schema(), b.columns().to_vec())
+                    .context("replay.parquet does not have the event batch schema")?;
+                (0..b.num_rows()).map(|i| b.slice(i, 1)).collect()
+            }
+            None => vec![],
+        };
+        match &state.replay_rng {
+            Some(r) => self.replay.restore(items, r)?,
+            None if items.is_empty() => {}
+            None => anyhow::bail!("replay.parquet present but state.json has no replay_rng"),
+        }
         Ok(())
     }
 
