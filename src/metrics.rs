@@ -24,6 +24,8 @@ pub struct Metrics {
     pub buffer_events: IntGauge,
     pub learner_steps: IntCounter,
     pub learner_rejected_steps: IntCounter,
+    pub learner_replayed: IntCounter,
+    pub replay_buffer_pairs: IntGauge,
     pub learner_loss: Gauge,
     pub learner_step_seconds: Histogram,
     pub learner_grad_norm: Gauge,
@@ -116,6 +118,14 @@ impl Metrics {
             learner_rejected_steps: c(
                 "spoke_learner_rejected_steps_total",
                 "Steps rejected because a gradient or weight was not finite.",
+            ),
+            learner_replayed: c(
+                "spoke_learner_replayed_pairs_total",
+                "Pairs drawn from the replay buffer and trained on again beside fresh ones.",
+            ),
+            replay_buffer_pairs: ig(
+                "spoke_replay_buffer_pairs",
+                "Recent trained pairs held in the learner's replay buffer.",
             ),
             learner_loss: g("spoke_learner_loss", "Loss of the last minibatch."),
             learner_step_seconds: h(

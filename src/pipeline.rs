@@ -459,6 +459,8 @@ fn record_step(metrics: &Metrics, rep: &StepReport, pending: &mut Pending, summa
     if r.applied {
         metrics.learner_steps.inc();
         metrics.events_trained.inc_by(rep.trained.len() as u64);
+        metrics.learner_replayed.inc_by(r.replayed as u64);
+        metrics.replay_buffer_pairs.set(rep.replay_pairs as i64);
         summary.trained += rep.trained.len() as u64;
     } else {
         metrics.learner_rejected_steps.inc();

@@ -57,6 +57,9 @@ fn config_errors_name_the_key() {
     let (ok, _, err) = spoke(&["config", "--config", bad.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("run.batch_size"), "{err}");
+    let (ok, _, err) = spoke(&["config", "--set", "replay.ratio=-1"]);
+    assert!(!ok);
+    assert!(err.contains("replay.ratio"), "{err}");
     let (ok, out, _) = spoke(&["config", "--set", "objective.kind=pspo"]);
     assert!(ok);
     assert!(out.contains("kind = \"pspo\""), "{out}");

@@ -137,6 +137,11 @@ async fn embedded_default_end_to_end() {
         sample(&final_scrape, "spoke_learner_steps_total"),
         Some(summary.steps as f64)
     );
+    assert_eq!(
+        sample(&final_scrape, "spoke_replay_buffer_pairs"),
+        Some(summary.trained.min(1024) as f64)
+    );
+    assert!(sample(&final_scrape, "spoke_learner_replayed_pairs_total").unwrap() > 0.0);
     assert!(final_scrape.contains("spoke_events_rejected_total{reason="));
     assert!(final_scrape.contains("spoke_learner_step_seconds_bucket"));
     assert!(sample(&final_scrape, "spoke_learner_loss")
@@ -185,6 +190,48 @@ async fn embedded_default_end_to_end() {
     }
     assert_eq!(metric_rows as u64, summary.steps);
     assert_eq!(event_rows as u64, summary.consumed);
+
+    // Replay: every step after the first also trained on as many recent pairs as fresh ones
+    // (replay.ratio = 1), and the last snapshot holds the buffer with reference log-probs.
+    use arrow::array::{Array, Int32Array};
+    use spoke::snapshot::parquet_io::read_parquet;
+    let mut steps: Vec<(i64, i32, i32)> = vec![];
+    for s in &snaps {
+        let b = read_parquet(&s.join("metrics.parquet")).unwrap();
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .unwrap()
+                .clone()
+        };
+        let st = arrow::compute::cast(
+            b.column_by_name("step").unwrap(),
+            &arrow::datatypes::DataType::Int64,
+        )
+        .unwrap();
+        let st = st
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let (pairs, replayed) = (col("pairs"), col("replayed"));
+        for i in 0..b.num_rows() {
+            steps.push((st.value(i), pairs.value(i), replayed.value(i)));
+        }
+    }
+    steps.sort();
+    assert_eq!(steps[0].2, 0, "nothing to replay at the first step");
+    assert!(
+        steps[1..].iter().all(|(_, p, r)| p == r),
+        "replayed != fresh pairs: {steps:?}"
+    );
+    let last = snaps.last().unwrap();
+    let replay = read_parquet(&last.join("replay.parquet")).unwrap();
+    assert_eq!(replay.num_rows() as u64, summary.trained.min(1024));
+    for c in ["ref_logp_0", "ref_logp_1"] {
+        assert_eq!(replay.column_by_name(c).unwrap().null_count(), 0, "{c}");
+    }
 
     // Dead letters: one line per rejected record, with its reason and the original bytes.
     let dl = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap();

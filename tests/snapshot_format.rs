@@ -19,6 +19,35 @@ fn tensor(vals: &[f32], shape: &[usize]) -> Tensor {
     Tensor::from_vec(vals.to_vec(), shape, &Device::Cpu).unwrap()
 }
 
+/// Four trained pairs, as the learner's replay buffer holds them.
+fn replay_batch() -> arrow::record_batch::RecordBatch {
+    let rows: Vec<_> = (0..4)
+        .map(|i| {
+            (
+                spoke::source::PreferenceEvent {
+                    event_id: format!("syn-0-{i}"),
+                    ts: None,
+                    prompt: format!("prompt {i}"),
+                    response_0: "a".into(),
+                    response_1: "b".into(),
+                    label: (i % 2) as u8,
+                    weight: None,
+                    annotator: None,
+                    policy_version: None,
+                    ref_logp_0: Some(-1.5 - i as f64),
+                    ref_logp_1: Some(-2.5),
+                },
+                spoke::source::Position {
+                    stream: "synthetic".into(),
+                    partition: 0,
+                    offset: i,
+                },
+            )
+        })
+        .collect();
+    spoke::buffer::to_batch(&rows).unwrap()
+}
+
 fn content(step: u64, w: f32) -> SnapshotContent {
     let mut offsets = Offsets::default();
     offsets.set("synthetic", 0, step as i64 * 4);
@@ -85,7 +114,7 @@ fn content(step: u64, w: f32) -> SnapshotContent {
             })
             .collect(),
         link_curve: curve,
-        replay: None,
+        replay: Some(replay_batch()),
         eval: Some(Evaluation {
             n: 40,
             accuracy: 0.6,
@@ -191,6 +220,7 @@ fn snapshot_contents_manifest_schema_and_parquet() {
             "metrics.parquet",
             "model.safetensors",
             "optimizer.safetensors",
+            "replay.parquet",
             "state.json"
         ]
     );
@@ -200,7 +230,7 @@ fn snapshot_contents_manifest_schema_and_parquet() {
     check(&schema(), &raw, "manifest").unwrap();
     assert!(raw["eval"]["kl"].is_null(), "NaN KL is written as null");
     let m = verify(&info.path).unwrap();
-    assert_eq!(m.files.len(), 7);
+    assert_eq!(m.files.len(), 8);
     for (f, sum) in &m.files {
         let bytes = std::fs::read(info.path.join(f)).unwrap();
         assert_eq!(&spoke::util::sha256_hex(&bytes), sum, "{f}");
@@ -249,6 +279,7 @@ fn snapshot_contents_manifest_schema_and_parquet() {
                 "objective",
                 "loss",
                 "pairs",
+                "replayed",
                 "grad_norm",
                 "index_mean",
                 "index_std",
@@ -272,6 +303,15 @@ fn snapshot_contents_manifest_schema_and_parquet() {
                 "weight",
             ],
             12,
+        ),
+        (
+            "replay.parquet",
+            spoke::buffer::schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect(),
+            4,
         ),
     ] {
         let path = info.path.join(file);

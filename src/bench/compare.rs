@@ -37,6 +37,9 @@ pub struct CompareArgs {
     pub check: bool,
 }
 
+/// β bits → (avg_kl, avg_reward): one run's β scan.
+type Scan = BTreeMap<u64, (f64, f64)>;
+
 /// (s bits, method) → seed → reward at κ.
 type PerSeed = BTreeMap<(u64, String), BTreeMap<u64, f64>>;
 
@@ -63,16 +66,16 @@ pub fn load(path: &Path, kappa: f64) -> Result<PerSeed> {
         col("avg_kl")?,
     );
     // (s, method, seed) → β bits → (kl, reward)
-    let mut curves: BTreeMap<(u64, String, u64), BTreeMap<u64, (f64, f64)>> = BTreeMap::new();
+    let mut curves: BTreeMap<(u64, String, u64), Scan> = BTreeMap::new();
     for (ln, line) in lines {
         if line.trim().is_empty() {
             continue;
         }
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
         let get = |i: usize, what: &str| -> Result<f64> {
-            let v = f.get(i).with_context(|| {
-                format!("{} line {}: missing `{what}`", path.display(), ln + 1)
-            })?;
+            let v = f
+                .get(i)
+                .with_context(|| format!("{} line {}: missing `{what}`", path.display(), ln + 1))?;
             v.parse::<f64>().with_context(|| {
                 format!(
                     "{} line {}: `{what}` = {v:?} is not a number",
@@ -241,7 +244,7 @@ pub fn compare(ours: &PerSeed, reference: &PerSeed, kappa: f64, z: f64) -> (Stri
 }
 
 pub fn run(a: CompareArgs) -> Result<()> {
-    if !(a.kappa > 0.0) || !(a.z > 0.0) {
+    if a.kappa.is_nan() || a.kappa <= 0.0 || a.z.is_nan() || a.z <= 0.0 {
         bail!("--kappa and --z must be > 0");
     }
     let ours = load(&a.ours, a.kappa)?;
@@ -252,7 +255,10 @@ pub fn run(a: CompareArgs) -> Result<()> {
         std::fs::write(p, &md).with_context(|| format!("writing {}", p.display()))?;
     }
     if bad > 0 {
-        eprintln!("{bad} (s, method) cells disagree beyond {} standard errors", a.z);
+        eprintln!(
+            "{bad} (s, method) cells disagree beyond {} standard errors",
+            a.z
+        );
         if a.check {
             std::process::exit(1);
         }
@@ -299,7 +305,10 @@ mod tests {
         assert!((o.gain - 0.1).abs() < 1e-12 && o.gain_se < 1e-12, "{o:?}");
         let (md, bad) = compare(&la, &load(&pb, 0.2).unwrap(), 0.2, 2.58);
         assert_eq!(bad, 1, "{md}");
-        assert!(md.contains("| 0 | pspo | 10/10 |") && md.contains("**no**"), "{md}");
+        assert!(
+            md.contains("| 0 | pspo | 10/10 |") && md.contains("**no**"),
+            "{md}"
+        );
     }
 
     #[test]

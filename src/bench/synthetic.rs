@@ -555,11 +555,7 @@ fn train_streaming(
         let mut rows: Vec<usize> = (start..end).collect();
         rows.extend(replay.draw(end - start));
         let b = rows.len();
-        let idx = Tensor::from_vec(
-            rows.iter().map(|i| *i as u32).collect::<Vec<_>>(),
-            b,
-            &dev,
-        )?;
+        let idx = Tensor::from_vec(rows.iter().map(|i| *i as u32).collect::<Vec<_>>(), b, &dev)?;
         let lp = model.log_probs(&data.x.index_select(&idx, 0)?)?;
         let oh = |ys: &[usize]| -> Result<Tensor> {
             let mut v = vec![0f32; b * K];
@@ -1066,7 +1062,13 @@ fn write_outputs(a: &SyntheticBenchArgs, oc: &Outcome, threads: usize) -> Result
     write("budget.csv", &csv)?;
     let mut csv = format!("{HEADER},mode\n");
     for (ratio, r, _) in &oc.streaming {
-        csv_rows(&mut csv, r, a.n, a.tau, Some(&format!("stream_replay{ratio}")));
+        csv_rows(
+            &mut csv,
+            r,
+            a.n,
+            a.tau,
+            Some(&format!("stream_replay{ratio}")),
+        );
     }
     write("streaming.csv", &csv)?;
     if !oc.variants.is_empty() {
@@ -1152,12 +1154,20 @@ fn write_outputs(a: &SyntheticBenchArgs, oc: &Outcome, threads: usize) -> Result
              between blocks and every pair inside the range gets a gradient. Same data, schedule \
              and seeds as above; the paired gain is over the DPO of the table it sits beside.\n"
         );
-        let _ = writeln!(md, "### Paper schedule (PSPO {main} epochs; DPO 100 epochs as above)\n");
+        let _ = writeln!(
+            md,
+            "### Paper schedule (PSPO {main} epochs; DPO 100 epochs as above)\n"
+        );
         let ak = at_kappa(
             oc.results
                 .iter()
                 .filter(|r| r.method == ObjectiveKind::Dpo)
-                .chain(oc.variants.iter().filter(|(e, _)| *e == main).map(|(_, r)| r)),
+                .chain(
+                    oc.variants
+                        .iter()
+                        .filter(|(e, _)| *e == main)
+                        .map(|(_, r)| r),
+                ),
             kappa,
         );
         gain_table(&mut md, &ak, kappa, None);

@@ -16,11 +16,11 @@ use crate::source::{Position, PreferenceEvent};
 use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, Float64Array};
 use arrow::record_batch::RecordBatch;
-use replay::{ReplayBuffer, ReplayRngState};
-use std::sync::Arc;
 use candle_core::{DType, Tensor};
+use replay::{ReplayBuffer, ReplayRngState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One trained event, for per-event accounting.
@@ -38,6 +38,8 @@ pub type Exported = (WeightExport, Vec<(String, Tensor)>, u64);
 pub struct StepReport {
     pub record: StepRecord,
     pub trained: Vec<TrainedEvent>,
+    /// Pairs held in the replay buffer after the step.
+    pub replay_pairs: usize,
 }
 
 /// Held-out evaluation of the index against labels (link-free) and under the links.
@@ -367,6 +369,7 @@ impl Learner {
                 applied,
             },
             trained,
+            replay_pairs: self.replay.len(),
         })
     }
 

@@ -180,7 +180,10 @@ mod tests {
             b.extend(0..4);
             assert!(b.is_empty() && b.draw(4).is_empty());
         }
-        assert!(cfg(1, -1.0).validate().unwrap_err().starts_with("replay.ratio"));
+        assert!(cfg(1, -1.0)
+            .validate()
+            .unwrap_err()
+            .starts_with("replay.ratio"));
         assert!(cfg(1, f64::NAN).validate().is_err());
     }
 
@@ -209,7 +212,8 @@ mod tests {
         let state = a.rng_state();
         let json = serde_json::to_string(&state).unwrap();
         let mut b = ReplayBuffer::new(cfg(6, 1.0), 999);
-        b.restore(items, &serde_json::from_str(&json).unwrap()).unwrap();
+        b.restore(items, &serde_json::from_str(&json).unwrap())
+            .unwrap();
         for _ in 0..50 {
             assert_eq!(a.draw(4), b.draw(4));
             a.extend([1, 2]);

@@ -57,7 +57,9 @@ pub fn read_snapshot(dir: &Path, device: &Device) -> Result<LoadedSnapshot> {
     let ls: LearnerState = serde_json::from_value(state["learner"].clone())
         .with_context(|| format!("{}: learner state", state_path.display()))?;
     let replay = if manifest.files.contains_key("replay.parquet") {
-        Some(super::parquet_io::read_parquet(&dir.join("replay.parquet"))?)
+        Some(super::parquet_io::read_parquet(
+            &dir.join("replay.parquet"),
+        )?)
     } else {
         None
     };
@@ -108,12 +110,12 @@ pub fn load_latest(data_dir: &Path, learner: &mut Learner) -> Result<Option<Resu
         };
         learner
             .restore(
-            &s.weights,
-            &s.optimizer,
-            s.optimizer_step,
-            s.state,
-            s.replay.as_ref(),
-        )
+                &s.weights,
+                &s.optimizer,
+                s.optimizer_step,
+                s.state,
+                s.replay.as_ref(),
+            )
             .with_context(|| format!("{}: restoring the learner", dir.display()))?;
         return Ok(Some(Resumed {
             name,

@@ -147,6 +147,7 @@ pub fn content(learner: &Learner, cfg: &Config, eval: Option<Evaluation>) -> Sna
         metrics: vec![],
         events: vec![],
         link_curve: learner.link().curve(),
+        replay: learner.replay_batch().unwrap(),
         eval,
     }
 }
