@@ -137,11 +137,59 @@ fn tiny_synthetic_benchmark_writes_consistent_outputs() {
     assert_eq!(curve("dpo"), curve("pspo"));
     assert_ne!(curve("dpo"), curve("rspo"));
 
+    // spoke's PSPO (block knots): at the paper schedule (3 epochs) and each budget.
+    let (h, vrows) = read(&out.join("variants.csv"));
+    assert_eq!(h[..8], COLS);
+    assert_eq!(h[8..], ["epochs", "knots"]);
+    assert!(vrows.iter().all(|r| r[4] == "pspo" && r[9] == "blocks"));
+    check_rows(&vrows, 10, 2 * 2);
+    let vcurve = |e: &str| -> Vec<String> {
+        vrows
+            .iter()
+            .filter(|r| r[8] == e && r[2] == "1.5")
+            .map(|r| format!("{} {}", r[6], r[7]))
+            .collect()
+    };
+    // One warm-up epoch is DPO for both knot placements; after the isotonic rounds they differ.
+    assert_eq!(vcurve("1"), curve("dpo"));
+    let pspo3: Vec<String> = rows
+        .iter()
+        .filter(|r| r[8] == "3" && r[2] == "1.5" && r[4] == "pspo")
+        .map(|r| format!("{} {}", r[6], r[7]))
+        .collect();
+    assert_eq!(pspo3.len(), 23);
+    assert_ne!(vcurve("3"), pspo3);
+
+    // Streaming, one run per replay ratio (0, 1, 4 by default).
     let (h, rows) = read(&out.join("streaming.csv"));
     assert_eq!(h[..8], COLS);
     assert_eq!(h[8], "mode");
-    assert!(rows.iter().all(|r| r[8] == "stream"));
-    check_rows(&rows, 9, 2 * 4);
+    let modes: BTreeSet<&str> = rows.iter().map(|r| r[8].as_str()).collect();
+    assert_eq!(
+        modes,
+        BTreeSet::from(["stream_replay0", "stream_replay1", "stream_replay4"])
+    );
+    check_rows(&rows, 9, 2 * 4 * 3);
+    let scurve = |mode: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r[8] == mode && r[2] == "0" && r[4] == "dpo")
+            .map(|r| format!("{} {}", r[6], r[7]))
+            .collect()
+    };
+    assert_ne!(scurve("stream_replay0"), scurve("stream_replay1"));
+
+    // Comparing a run with itself: every cell agrees, exactly.
+    let o = Command::new(env!("CARGO_BIN_EXE_spoke"))
+        .args(["bench", "compare", "--check", "--ours"])
+        .arg(out.join("results.csv"))
+        .arg("--reference")
+        .arg(out.join("results.csv"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{table}");
+    assert_eq!(table.matches("| yes |").count(), 2 * 4, "{table}");
+    assert!(table.contains("| 1.5 | ospo | 1/1 |"), "{table}");
 
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     for m in [
@@ -151,7 +199,9 @@ fn tiny_synthetic_benchmark_writes_consistent_outputs() {
         "rspo",
         "paired gain",
         "Matched budgets",
+        "one knot per PAVA block",
         "Streaming",
+        "Replay ratio 4",
     ] {
         assert!(md.contains(m), "summary.md lacks {m}");
     }

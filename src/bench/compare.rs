@@ -8,7 +8,7 @@
 //! draws differ) and the paired gain over DPO (paired by seed inside each file). The two
 //! implementations agree on a quantity when |difference| ≤ z·√(se₁² + se₂²).
 
-use super::synthetic::{reward_at_kl, stats};
+use super::synthetic::{paired_gain, reward_at_kl, stats};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -139,14 +139,7 @@ pub fn summarize(p: &PerSeed) -> BTreeMap<(u64, String), Summary> {
         let v: Vec<f64> = seeds.values().copied().collect();
         let (level, _, level_se) = stats(&v);
         let (gain, gain_se) = match p.get(&(*s, "dpo".to_string())) {
-            Some(d) if m != "dpo" => {
-                let g: Vec<f64> = seeds
-                    .iter()
-                    .filter_map(|(k, r)| d.get(k).map(|x| r - x))
-                    .collect();
-                let (g, _, se) = stats(&g);
-                (g, se)
-            }
+            Some(d) if m != "dpo" => paired_gain(seeds, d),
             _ => (f64::NAN, f64::NAN),
         };
         out.insert(

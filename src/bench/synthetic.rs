@@ -925,6 +925,16 @@ pub(crate) fn stats(v: &[f64]) -> (f64, f64, f64) {
     (m, sd0, se)
 }
 
+/// Mean and standard error of `x[seed] − base[seed]` over the seeds both have.
+pub(crate) fn paired_gain(x: &BTreeMap<u64, f64>, base: &BTreeMap<u64, f64>) -> (f64, f64) {
+    let d: Vec<f64> = x
+        .iter()
+        .filter_map(|(seed, r)| base.get(seed).map(|b| r - b))
+        .collect();
+    let (g, _, se) = stats(&d);
+    (g, se)
+}
+
 /// Per (s, method): seed → reward at κ.
 type AtKappa = BTreeMap<(u64, u8), BTreeMap<u64, f64>>;
 
@@ -958,14 +968,7 @@ fn cells(ak: &AtKappa) -> BTreeMap<(u64, u8), Cell> {
         let (m, sd0, _) = stats(&v);
         let half = 1.645 * sd0 / (v.len() as f64).sqrt();
         let (gain, gain_se) = match ak.get(&(*s, ObjectiveKind::Dpo as u8)) {
-            Some(dpo) => {
-                let d: Vec<f64> = seeds
-                    .iter()
-                    .filter_map(|(seed, r)| dpo.get(seed).map(|x| r - x))
-                    .collect();
-                let (g, _, se) = stats(&d);
-                (g, se)
-            }
+            Some(dpo) => paired_gain(seeds, dpo),
             None => (f64::NAN, f64::NAN),
         };
         out.insert(

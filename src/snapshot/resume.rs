@@ -76,17 +76,23 @@ pub fn read_snapshot(dir: &Path, device: &Device) -> Result<LoadedSnapshot> {
 /// Load one snapshot directory into a learner (after verifying it).
 pub fn load_into(dir: &Path, learner: &mut Learner) -> Result<Manifest> {
     let device = learner.policy().device().clone();
-    let s = read_snapshot(dir, &device)?;
-    learner
-        .restore(
-            &s.weights,
-            &s.optimizer,
-            s.optimizer_step,
-            s.state,
-            s.replay.as_ref(),
-        )
-        .with_context(|| format!("{}: restoring the learner", dir.display()))?;
-    Ok(s.manifest)
+    read_snapshot(dir, &device)?.apply(dir, learner)
+}
+
+impl LoadedSnapshot {
+    /// Restore a learner from what was read from `dir`; returns the manifest.
+    pub fn apply(self, dir: &Path, learner: &mut Learner) -> Result<Manifest> {
+        learner
+            .restore(
+                &self.weights,
+                &self.optimizer,
+                self.optimizer_step,
+                self.state,
+                self.replay.as_ref(),
+            )
+            .with_context(|| format!("{}: restoring the learner", dir.display()))?;
+        Ok(self.manifest)
+    }
 }
 
 /// Load the newest snapshot that verifies; corrupted ones are skipped with a warning and the
@@ -108,18 +114,10 @@ pub fn load_latest(data_dir: &Path, learner: &mut Learner) -> Result<Option<Resu
                 continue;
             }
         };
-        learner
-            .restore(
-                &s.weights,
-                &s.optimizer,
-                s.optimizer_step,
-                s.state,
-                s.replay.as_ref(),
-            )
-            .with_context(|| format!("{}: restoring the learner", dir.display()))?;
+        let manifest = s.apply(&dir, learner)?;
         return Ok(Some(Resumed {
             name,
-            manifest: s.manifest,
+            manifest,
             skipped,
         }));
     }
