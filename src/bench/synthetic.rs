@@ -255,6 +255,31 @@ impl SeedData {
         let u: Vec<f64> = (0..n).map(|_| rng.random::<f64>()).collect();
         let mut trng = ChaCha8Rng::seed_from_u64(stream_seed(seed, 2));
         let teacher = Mlp::new(&dims(), &mut trng, &dev)?;
+        Self::from_parts(seed, x, x_eval, y0, y1, u, &teacher, nu)
+    }
+
+    /// A seed's data from given contexts, actions, label uniforms and teacher (e.g. another
+    /// implementation's draws, to replay its run).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        seed: u64,
+        x: Tensor,
+        x_eval: Tensor,
+        y0: Vec<usize>,
+        y1: Vec<usize>,
+        u: Vec<f64>,
+        teacher: &Mlp,
+        nu: f64,
+    ) -> Result<Self> {
+        let n = y0.len();
+        anyhow::ensure!(
+            y1.len() == n && u.len() == n && x.dims2()? == (n, D) && x_eval.dims2()?.1 == D,
+            "inconsistent synthetic data shapes"
+        );
+        anyhow::ensure!(
+            y0.iter().chain(&y1).all(|y| *y < K),
+            "actions must be < {K}"
+        );
         let lp = teacher.log_probs_host(&x)?;
         let delta: Vec<f64> = (0..n).map(|i| nu * (lp[i][y1[i]] - lp[i][y0[i]])).collect();
         let lref = -(K as f64).ln();
@@ -268,6 +293,7 @@ impl SeedData {
             dm[i * K + y1[i]] += 1.0;
             dm[i * K + y0[i]] -= 1.0;
         }
+        let dev = x.device().clone();
         Ok(Self {
             seed,
             n,
@@ -369,6 +395,8 @@ struct Trainer<'a> {
     opt: AdamW,
     batch: usize,
     shuffle: ChaCha8Rng,
+    /// Epoch orders to use instead of the seeded shuffle (replaying another run).
+    orders: std::collections::VecDeque<Vec<usize>>,
 }
 
 fn adam(lr: f64) -> OptimConfig {
@@ -399,6 +427,7 @@ impl<'a> Trainer<'a> {
             opt,
             batch: (args.batch_size as usize).max(1),
             shuffle: ChaCha8Rng::seed_from_u64(stream_seed(data.seed, 4)),
+            orders: Default::default(),
         })
     }
 
@@ -419,8 +448,14 @@ impl<'a> Trainer<'a> {
 
     fn epoch(&mut self, phase: &Phase) -> Result<()> {
         let n = self.data.n;
-        let mut perm: Vec<usize> = (0..n).collect();
-        perm.shuffle(&mut self.shuffle);
+        let perm = match self.orders.pop_front() {
+            Some(p) => p,
+            None => {
+                let mut p: Vec<usize> = (0..n).collect();
+                p.shuffle(&mut self.shuffle);
+                p
+            }
+        };
         for chunk in perm.chunks(self.batch) {
             let idx = Tensor::from_vec(
                 chunk.iter().map(|i| *i as u32).collect::<Vec<_>>(),
@@ -471,7 +506,55 @@ fn train_offline(
     checkpoints: &BTreeSet<usize>,
     a: &SyntheticBenchArgs,
 ) -> Result<Vec<(usize, Curve)>> {
+    run_schedule(Trainer::new(data, z, a)?, method, knots, checkpoints, a)
+}
+
+/// Replays one run of another implementation: `method` trained on `data` with labels `z`
+/// from the initial weights `init`, each epoch visiting the pairs in the order `orders` gives
+/// (one permutation of 0..n per epoch, warm-up epochs included), on the paper schedule.
+/// Returns the β scan after the last epoch.
+pub fn replay_run(
+    data: &SeedData,
+    z: Vec<f64>,
+    method: ObjectiveKind,
+    init: Mlp,
+    orders: Vec<Vec<usize>>,
+    a: &SyntheticBenchArgs,
+) -> Result<Curve> {
+    let epochs = main_epochs(method, a);
+    anyhow::ensure!(
+        orders.len() == epochs,
+        "{} epoch orders given for {epochs} epochs",
+        orders.len()
+    );
+    for o in &orders {
+        let mut seen = vec![false; data.n];
+        for &i in o {
+            anyhow::ensure!(
+                i < data.n && !seen[i],
+                "an epoch order is not a permutation"
+            );
+            seen[i] = true;
+        }
+        anyhow::ensure!(o.len() == data.n, "an epoch order is not a permutation");
+    }
     let mut tr = Trainer::new(data, z, a)?;
+    tr.opt = AdamW::new(init.vars(), adam(a.lr))?;
+    tr.model = init;
+    tr.orders = orders.into();
+    let cps = BTreeSet::from([epochs]);
+    let mut out = run_schedule(tr, method, a.pspo_knots, &cps, a)?;
+    Ok(out.pop().map(|(_, c)| c).unwrap_or_default())
+}
+
+fn run_schedule(
+    mut tr: Trainer,
+    method: ObjectiveKind,
+    knots: Knots,
+    checkpoints: &BTreeSet<usize>,
+    a: &SyntheticBenchArgs,
+) -> Result<Vec<(usize, Curve)>> {
+    let data = tr.data;
     let last = checkpoints.iter().next_back().copied().unwrap_or(0);
     let mut out = Vec::new();
     let mut iso = PiecewiseLinear::default();

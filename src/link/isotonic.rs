@@ -79,48 +79,62 @@ impl PiecewiseLinear {
         self.x.is_empty()
     }
 
-    /// The affine piece at `t`: value = a + b·t (b = 0 outside the knots). Segment search as
-    /// `bucketize` (right = false): the segment is (x[i−1], x[i]] with x[i−1] < t ≤ x[i].
-    pub fn piece(&self, t: f64) -> (f64, f64) {
+    /// The affine piece at `t` as (x0, y0, b): value = y0 + b·(t − x0), b = 0 outside the
+    /// knots. Segment search as `bucketize` (right = false): the segment is (x[i−1], x[i]]
+    /// with x[i−1] < t ≤ x[i].
+    pub fn piece(&self, t: f64) -> (f64, f64, f64) {
         let n = self.x.len();
         if n == 0 {
-            return (0.5, 0.0);
+            return (0.0, 0.5, 0.0);
         }
         if n == 1 || t <= self.x[0] {
-            return (self.y[0], 0.0);
+            return (self.x[0], self.y[0], 0.0);
         }
         if t > self.x[n - 1] {
-            return (self.y[n - 1], 0.0);
+            return (self.x[n - 1], self.y[n - 1], 0.0);
         }
         let i = self.x.partition_point(|k| *k < t).clamp(1, n - 1);
         let (x0, x1, y0, y1) = (self.x[i - 1], self.x[i], self.y[i - 1], self.y[i]);
         // Gaps under 1e-6 are widened to 1e-6 (as the paper's code clamps them), which bounds
         // the slope between two almost equal knots.
-        let b = (y1 - y0) / (x1 - x0).max(MIN_GAP);
-        (y0 - b * x0, b)
+        (x0, y0, (y1 - y0) / (x1 - x0).max(MIN_GAP))
     }
 
     pub fn eval(&self, t: f64) -> f64 {
-        let (a, b) = self.piece(t);
-        a + b * t
+        let (x0, y0, b) = self.piece(t);
+        y0 + b * (t - x0)
     }
 
     /// Derivative (right-continuous slope of the piece containing t).
     pub fn slope(&self, t: f64) -> f64 {
-        self.piece(t).1
+        self.piece(t).2
     }
 
-    /// Apply to a `[n]` tensor, differentiable in `t` (gradient = slope of the piece).
+    /// Apply to a tensor, differentiable in `t` (gradient = slope of the piece). Computed as
+    /// y0 + b·(t − x0), not a + b·t: on a steep piece (b up to 1e6) the latter cancels
+    /// catastrophically in f32.
     pub fn apply_tensor(&self, t: &Tensor) -> Result<Tensor> {
         let tv: Vec<f64> = t
             .detach()
             .to_dtype(candle_core::DType::F64)?
             .flatten_all()?
             .to_vec1::<f64>()?;
-        let (a, b): (Vec<f64>, Vec<f64>) = tv.iter().map(|x| self.piece(*x)).unzip();
-        let a = Tensor::from_vec(a, t.shape(), t.device())?.to_dtype(t.dtype())?;
-        let b = Tensor::from_vec(b, t.shape(), t.device())?.to_dtype(t.dtype())?;
-        Ok(((t * b)? + a)?)
+        let n = tv.len();
+        let (mut x0, mut y0, mut b) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for v in &tv {
+            let (px, py, pb) = self.piece(*v);
+            x0.push(px);
+            y0.push(py);
+            b.push(pb);
+        }
+        let col = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?)
+        };
+        Ok(((t - col(x0)?)? * col(b)?)?.add(&col(y0)?)?)
     }
 }
 
