@@ -79,10 +79,19 @@ fn rows(r: &[Vec<f32>]) -> Tensor {
 
 #[test]
 fn replays_the_paper_code_runs() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/spo-reference/replay.json"
-    );
+    // SPOKE_REPLAY_RECORDING replays another recording (e.g. a full-size one).
+    let path = std::env::var("SPOKE_REPLAY_RECORDING").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/spo-reference/replay.json"
+        )
+        .to_string()
+    });
+    // Long runs accumulate float32 rounding (OSPO's 1000-term kernel sums): SPOKE_REPLAY_TOL.
+    let tol: f64 = std::env::var("SPOKE_REPLAY_TOL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1e-4);
     let rec: Recording = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let mut a = Cli::parse_from(["spoke"]).a;
     a.epochs = rec.epochs;
@@ -118,13 +127,13 @@ fn replays_the_paper_code_runs() {
                 .max((kl - run.avg_kl[i]).abs())
                 .max((rw - run.avg_reward[i]).abs());
         }
+        eprintln!("{method}: max |difference| over the β scan {worst:.1e}");
         assert!(
-            worst < 1e-4,
+            worst < tol,
             "{method}: spoke's β scan differs from the paper code's by {worst:.2e}"
         );
         // The runs trained: the policy moved away from the reference.
         assert!(run.avg_kl[0] > 1e-3, "{method}: {:?}", run.avg_kl);
-        eprintln!("{method}: max |difference| over the β scan {worst:.1e}");
     }
     // A replay must be told exactly one order per epoch, each a permutation.
     let short = replay_run(
