@@ -108,10 +108,13 @@ fn corrupted_newest_snapshot_is_skipped_and_resume_still_exact() {
 
 /// The real binary on the deterministic synthetic stream: 256 records straight vs 128, stop,
 /// resume to 256. The final weights, optimizer state and learner state are bit-identical.
-#[test]
-fn binary_stop_and_resume_matches_straight_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = |data: &std::path::Path, max: u64, fresh: bool| {
+/// Runs the binary straight to 256 events, and stopped at 128 then resumed to 256, with the
+/// extra `--set`s; asserts the two final snapshots are identical and returns them.
+fn straight_vs_resumed(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let run = |data: &std::path::Path, max: u64| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_spoke"));
         c.args(["run", "-q", "--data-dir", data.to_str().unwrap()])
             .args(["--max-events", &max.to_string()])
@@ -127,8 +130,8 @@ fn binary_stop_and_resume_matches_straight_run() {
                 "--set",
                 "objective.warmup_steps=2",
             ]);
-        if fresh {
-            c.arg("--fresh");
+        for e in extra {
+            c.args(["--set", e]);
         }
         let out = c.output().unwrap();
         assert!(
@@ -138,13 +141,13 @@ fn binary_stop_and_resume_matches_straight_run() {
         );
         String::from_utf8_lossy(&out.stderr).to_string()
     };
-    let a = dir.path().join("straight");
-    let b = dir.path().join("stopped");
-    run(&a, 256, false);
-    run(&b, 128, false);
+    let a = dir.join("straight");
+    let b = dir.join("stopped");
+    run(&a, 256);
+    run(&b, 128);
     let mid = spoke::snapshot::list(&b).unwrap().pop().unwrap();
     assert_eq!(spoke::snapshot::verify(&mid).unwrap().step, 8);
-    let log = run(&b, 256, false);
+    let log = run(&b, 256);
     assert!(log.contains("Resumed from snapshot"), "{log}");
     let last = |d: &std::path::Path| spoke::snapshot::list(d).unwrap().pop().unwrap();
     let (sa, sb) = (last(&a), last(&b));
@@ -155,16 +158,44 @@ fn binary_stop_and_resume_matches_straight_run() {
     assert_eq!((ma.step, ma.events_seen), (16, 256));
     assert_eq!((mb.step, mb.events_seen), (16, 256));
     assert_eq!(ma.offsets, mb.offsets);
-    for f in ["model.safetensors", "optimizer.safetensors"] {
+    for f in [
+        ma.weights_file.as_str(),
+        "optimizer.safetensors",
+        "replay.parquet",
+    ] {
         assert!(
             std::fs::read(sa.join(f)).unwrap() == std::fs::read(sb.join(f)).unwrap(),
-            "{f} differs between the straight and the resumed run"
+            "{f} differs between the straight and the resumed run ({extra:?})"
         );
     }
     let state = |d: &std::path::Path| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(d.join("state.json")).unwrap()).unwrap()
     };
     assert_eq!(state(&sa), state(&sb));
+    (sa, sb)
+}
+
+#[test]
+fn lora_with_dropout_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, _) = straight_vs_resumed(
+        dir.path(),
+        &["model.train=\"lora\"", "model.lora.dropout=0.1"],
+    );
+    assert!(sa.join("adapter_model.safetensors").exists());
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sa.join("state.json")).unwrap()).unwrap();
+    assert!(
+        st["learner"]["policy_rng"]["word_pos"].as_str().unwrap() != "0",
+        "dropout drew no random numbers: {st}"
+    );
+}
+
+#[test]
+fn binary_stop_and_resume_matches_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, sb) = straight_vs_resumed(dir.path(), &[]);
+    let b = dir.path().join("stopped");
     // Export the resumed run's final snapshot as an HF model directory and load it back.
     let to = dir.path().join("export");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_spoke"))
@@ -184,7 +215,13 @@ fn binary_stop_and_resume_matches_straight_run() {
     assert!(!to.join("optimizer.safetensors").exists() && !to.join("state.json").exists());
     python_load_check(&to);
     // A fresh run over the same data directory ignores the snapshots.
-    let log = run(&b, 16, true);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spoke"))
+        .args(["run", "-q", "--fresh", "--data-dir", b.to_str().unwrap()])
+        .args(["--max-events", "16", "--set", "metrics.addr=\"\""])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
     assert!(!log.contains("Resumed from snapshot"), "{log}");
 }
 

@@ -65,6 +65,9 @@ pub struct LearnerState {
     /// Position of the replay sampling stream (the items are in `replay.parquet`).
     #[serde(default)]
     pub replay_rng: Option<ReplayRngState>,
+    /// The policy's own random state (the LoRA dropout stream), if it has one.
+    #[serde(default)]
+    pub policy_rng: Option<serde_json::Value>,
 }
 
 pub struct Learner {
@@ -426,6 +429,7 @@ impl Learner {
             link: self.link.clone(),
             objective: self.objective.state(),
             replay_rng: Some(self.replay.rng_state()),
+            policy_rng: self.policy.rng_state(),
         }
     }
 
@@ -468,6 +472,9 @@ impl Learner {
         self.step = state.step;
         self.link = state.link;
         self.objective.load_state(&state.objective)?;
+        if let Some(r) = &state.policy_rng {
+            self.policy.set_rng_state(r)?;
+        }
         let items: Vec<RecordBatch> = match replay {
             Some(b) => {
                 // Parquet may hand the columns back with its own schema metadata.

@@ -349,6 +349,38 @@ impl Adapters {
         })
     }
 
+    /// Position of the dropout stream: `{"seed": [32 bytes], "word_pos": "decimal u128"}`.
+    pub fn rng_state(&self) -> Result<serde_json::Value> {
+        let rng = self
+            .rng
+            .lock()
+            .map_err(|_| anyhow::anyhow!("dropout RNG poisoned"))?;
+        Ok(serde_json::json!({
+            "seed": rng.get_seed().to_vec(),
+            "word_pos": rng.get_word_pos().to_string(),
+        }))
+    }
+
+    /// Restore the dropout stream from [`Adapters::rng_state`].
+    pub fn set_rng_state(&mut self, v: &serde_json::Value) -> Result<()> {
+        let seed: Vec<u8> =
+            serde_json::from_value(v["seed"].clone()).context("LoRA dropout RNG state: seed")?;
+        let seed: [u8; 32] = seed
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("LoRA dropout RNG state: seed is not 32 bytes"))?;
+        let pos: u128 = v["word_pos"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .context("LoRA dropout RNG state: word_pos")?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_word_pos(pos);
+        *self
+            .rng
+            .get_mut()
+            .map_err(|_| anyhow::anyhow!("dropout RNG poisoned"))? = rng;
+        Ok(())
+    }
+
     /// The adapter's contribution for `x: [rows, in]`, or None if the module is not adapted.
     pub fn delta(
         &self,

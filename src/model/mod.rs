@@ -163,6 +163,16 @@ pub trait Policy: Send {
     fn load_trainable(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
     /// One line for logs.
     fn describe(&self) -> String;
+    /// Random state the policy's training forward consumes (e.g. the LoRA dropout stream),
+    /// saved with snapshots so that a resumed run draws what an uninterrupted one would.
+    fn rng_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Restore what [`Policy::rng_state`] returned.
+    fn set_rng_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
     /// Monte-Carlo estimate of KL(π‖π_ref) on `prompts`: sample a response of at most
     /// `max_new_tokens` tokens for each prompt from the policy (ancestral sampling, seeded,
     /// no gradient) and return the mean of log π(y|x) − log π_ref(y|x) (the k1 estimator).

@@ -472,6 +472,17 @@ fn truncate_for_msg(s: &str) -> String {
 }
 
 impl Policy for LmPolicy {
+    fn rng_state(&self) -> Option<serde_json::Value> {
+        self.lora.as_ref().and_then(|a| a.rng_state().ok())
+    }
+
+    fn set_rng_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        match self.lora.as_mut() {
+            Some(a) => a.set_rng_state(state),
+            None => Ok(()),
+        }
+    }
+
     fn logps(&self, prompts: &[&str], responses: &[&str], train: bool) -> Result<Tensor> {
         let seqs = self.encode_all(prompts, responses)?;
         Ok(self.logps_of_seqs(&seqs, false, train)?.0)
