@@ -215,12 +215,7 @@ impl LmPolicy {
         let seed = cfg.tiny.seed;
         let (weights, reference, vars, lora) = match (adapter, cfg.train) {
             (None, _) if frozen => {
-                let weights = Weights::build(&lcfg, &mut |n| {
-                    tensors
-                        .get(n)
-                        .cloned()
-                        .with_context(|| format!("missing tensor {n}"))
-                })?;
+                let weights = weights_from(&lcfg, &tensors)?;
                 (weights.clone(), weights, vec![], None)
             }
             (None, TrainMode::Full) => {
@@ -232,22 +227,12 @@ impl LmPolicy {
                     by_name.insert(name.clone(), v.as_tensor().clone());
                     vars.push((name, v));
                 }
-                let weights = Weights::build(&lcfg, &mut |n| {
-                    by_name
-                        .get(n)
-                        .cloned()
-                        .with_context(|| format!("missing tensor {n}"))
-                })?;
+                let weights = weights_from(&lcfg, &by_name)?;
                 let reference = weights.deep_copy()?;
                 (weights, reference, vars, None)
             }
             (adapter, mode) => {
-                let weights = Weights::build(&lcfg, &mut |n| {
-                    tensors
-                        .get(n)
-                        .cloned()
-                        .with_context(|| format!("missing tensor {n}"))
-                })?;
+                let weights = weights_from(&lcfg, &tensors)?;
                 let ad = match adapter {
                     Some(a) => Adapters::from_peft(&lcfg, a, seed, &device, dtype)?,
                     None => {
@@ -461,6 +446,16 @@ impl LmPolicy {
     pub fn source(&self) -> &Path {
         &self.source
     }
+}
+
+/// The model's weights from tensors by HF name.
+fn weights_from(cfg: &LlamaConfig, tensors: &HashMap<String, Tensor>) -> Result<Weights> {
+    Weights::build(cfg, &mut |n| {
+        tensors
+            .get(n)
+            .cloned()
+            .with_context(|| format!("missing tensor {n}"))
+    })
 }
 
 fn truncate_for_msg(s: &str) -> String {

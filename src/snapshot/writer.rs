@@ -110,36 +110,33 @@ impl BackgroundWriter {
     pub async fn wait_idle(&mut self) -> Vec<Completed> {
         let mut out = self.try_completed();
         while self.outstanding > 0 {
-            match self.done.recv().await {
-                Some((r, secs)) => {
-                    self.outstanding -= 1;
-                    self.last_write_seconds.push(secs);
-                    out.push(r);
-                }
-                None => {
-                    out.push(Err(anyhow!("snapshot writer thread has stopped")));
-                    self.outstanding = 0;
-                }
-            }
+            let got = self.done.recv().await;
+            self.take(got, &mut out);
         }
         out
+    }
+
+    /// Books one message from the writer thread (None: the thread has stopped).
+    fn take(&mut self, got: Option<(Completed, f64)>, out: &mut Vec<Completed>) {
+        match got {
+            Some((r, secs)) => {
+                self.outstanding -= 1;
+                self.last_write_seconds.push(secs);
+                out.push(r);
+            }
+            None => {
+                out.push(Err(anyhow!("snapshot writer thread has stopped")));
+                self.outstanding = 0;
+            }
+        }
     }
 
     /// Blocking version of [`BackgroundWriter::wait_idle`] for non-async callers.
     pub fn wait_idle_blocking(&mut self) -> Vec<Completed> {
         let mut out = self.try_completed();
         while self.outstanding > 0 {
-            match self.done.blocking_recv() {
-                Some((r, secs)) => {
-                    self.outstanding -= 1;
-                    self.last_write_seconds.push(secs);
-                    out.push(r);
-                }
-                None => {
-                    out.push(Err(anyhow!("snapshot writer thread has stopped")));
-                    self.outstanding = 0;
-                }
-            }
+            let got = self.done.blocking_recv();
+            self.take(got, &mut out);
         }
         out
     }
