@@ -205,6 +205,31 @@ fn tiny_synthetic_benchmark_writes_consistent_outputs() {
     ] {
         assert!(md.contains(m), "summary.md lacks {m}");
     }
+    // The at-a-glance table: one row per s, DPO's level as in the paper-protocol table, then a
+    // gain for PSPO, OSPO, RSPO and spoke's PSPO (block knots).
+    let glance: Vec<&str> = md
+        .split("## At a glance")
+        .nth(1)
+        .expect("summary.md has the at-a-glance table")
+        .lines()
+        .filter(|l| l.starts_with("| 0 |") || l.starts_with("| 1.5 |"))
+        .take_while(|l| l.matches('|').count() == 7)
+        .collect();
+    assert_eq!(glance.len(), 2, "{md}");
+    for row in glance {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let dpo_row = format!("| {} | dpo | {} |", cells[1], cells[2]);
+        assert!(
+            md.contains(&dpo_row),
+            "{dpo_row} not in the paper table:\n{md}"
+        );
+        for g in &cells[3..7] {
+            assert!(
+                g.parse::<f64>().is_ok_and(f64::is_finite),
+                "gain {g:?} in {row}"
+            );
+        }
+    }
     for png in [
         "reward_kl_s0.png",
         "reward_kl_s1.5.png",
