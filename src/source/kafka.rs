@@ -771,8 +771,8 @@ impl KafkaSource {
     }
 }
 
-/// An owned copy of a polled message.
-fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
+/// An owned copy of a polled message (payload, key, headers, position).
+pub fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
     let headers = m
         .headers()
         .map(|h| {

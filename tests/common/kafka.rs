@@ -11,7 +11,6 @@
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -225,20 +224,13 @@ pub fn read_topic(addr: &str, topic: &str, expected: usize, timeout: Duration) -
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 quiet_since = Instant::now();
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let r = spoke::source::kafka::to_record(&m);
                 out.push(ReadRecord {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    headers,
+                    partition: r.position.partition,
+                    offset: r.position.offset,
+                    key: r.key,
+                    payload: r.payload,
+                    headers: r.headers.into_iter().collect(),
                 });
             }
             Some(Err(e)) => eprintln!("read_topic: {e}"),
