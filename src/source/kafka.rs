@@ -18,7 +18,10 @@
 //! * On revocation the callback queues [`SourceItem::Revoked`] behind the records already
 //!   handed over and blocks the rebalance until the pipeline acknowledges (it snapshots and
 //!   commits first), at most `revoke_timeout_ms`. Records of revoked partitions still queued
-//!   are discarded (they were not covered by any commit; the new owner reads them).
+//!   are discarded (they were not covered by any commit; the new owner reads them). If the
+//!   pipeline did not answer in time (e.g. it was committing through a broker outage) and the
+//!   partitions come back to this member, the assignment waits for that answer first (again at
+//!   most `revoke_timeout_ms`), so they resume after what the pipeline trained from them.
 //! * Backpressure: at most `queue_capacity` records wait in the hand-over. When it is full
 //!   the thread stops taking records (librdkafka's prefetch, bounded by
 //!   `queued.max.messages.kbytes`, 16 MiB by default, stays in place); if it stays full for
@@ -323,6 +326,10 @@ struct State {
     /// Offsets of the latest durable snapshot: the resumed one, then each one the pipeline
     /// commits.
     resume: Offsets,
+    /// Revocations the pipeline did not acknowledge in time. It still snapshots and commits
+    /// what it trained from them when it gets to them; a later assignment of the same
+    /// partitions to this member waits for that first, so it starts after those events.
+    unacked: Vec<(Vec<Tp>, oneshot::Receiver<()>)>,
 }
 
 /// What the polling thread hands to [`KafkaSource::next`].
@@ -360,6 +367,21 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until the pipeline acknowledges a revocation, at most until `deadline`. True when
+    /// it did (or can no longer: the source is closed).
+    fn wait_ack(ack_rx: &mut oneshot::Receiver<()>, deadline: Instant) -> bool {
+        loop {
+            match ack_rx.try_recv() {
+                Ok(()) | Err(oneshot::error::TryRecvError::Closed) => return true,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn count_error(&self, what: &str, err: &dyn std::fmt::Display) {
@@ -485,6 +507,25 @@ impl Ctx {
             .with_label_values(&["assign"])
             .inc();
         let parts = tpl_parts(tpl);
+        // A revocation of some of these partitions the pipeline has not acknowledged yet (it
+        // was busy, e.g. committing through a broker outage): let it snapshot and commit what
+        // it trained from them first, so they start after it and nothing is trained twice.
+        let waiting: Vec<(Vec<Tp>, oneshot::Receiver<()>)> = {
+            let mut st = sh.lock();
+            let (hit, keep) = std::mem::take(&mut st.unacked)
+                .into_iter()
+                .partition(|(ps, _)| ps.iter().any(|tp| parts.contains(tp)));
+            st.unacked = keep;
+            hit
+        };
+        let deadline = Instant::now() + sh.revoke_timeout;
+        for (ps, mut ack_rx) in waiting {
+            if !sh.closing.load(Ordering::SeqCst) && !Shared::wait_ack(&mut ack_rx, deadline) {
+                tracing::warn!(
+                    "The pipeline still has not acknowledged the revocation of {ps:?}; assigning again without it (events it trained since its last snapshot may be trained twice)."
+                );
+            }
+        }
         // Partitions the resumed snapshot knows: start at max(snapshot, committed).
         let resume = sh.lock().resume.clone();
         let known: Vec<(Tp, i64)> = parts
@@ -603,27 +644,18 @@ impl Ctx {
                 .remove_label_values(&[t.as_str(), &p.to_string()]);
         }
         if let Some(mut ack_rx) = ack_rx {
-            let deadline = Instant::now() + sh.revoke_timeout;
             tracing::info!(
                 "Kafka partitions revoked{}: {:?}; waiting for the pipeline to snapshot and commit.",
                 if lost { " (assignment lost)" } else { "" },
                 parts
             );
-            loop {
-                match ack_rx.try_recv() {
-                    Ok(()) => break,
-                    Err(oneshot::error::TryRecvError::Closed) => break,
-                    Err(oneshot::error::TryRecvError::Empty) => {}
-                }
-                if Instant::now() >= deadline {
-                    tracing::warn!(
-                        "The pipeline did not acknowledge the revocation of {:?} within {:?}; letting the rebalance proceed (events of these partitions in flight may be trained again by their new owner).",
-                        parts,
-                        sh.revoke_timeout
-                    );
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
+            if !Shared::wait_ack(&mut ack_rx, Instant::now() + sh.revoke_timeout) {
+                tracing::warn!(
+                    "The pipeline did not acknowledge the revocation of {:?} within {:?}; letting the rebalance proceed (if another member gets these partitions, events in flight may be trained again; if this one does, it waits for the acknowledgement first).",
+                    parts,
+                    sh.revoke_timeout
+                );
+                sh.lock().unacked.push((parts.clone(), ack_rx));
             }
         }
         let r = if coop {
