@@ -78,7 +78,7 @@ fn a_frozen_broker_loses_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_revocation_answer_moves_the_restart_offset() {
     use spoke::metrics::Metrics;
-    use spoke::source::kafka::{KafkaConfig, KafkaSource};
+    use spoke::source::kafka::KafkaSource;
     use spoke::source::{Offsets, Source, SourceItem};
     use std::time::Instant;
 
@@ -88,19 +88,8 @@ async fn a_late_revocation_answer_moves_the_restart_offset() {
     let topic = unique("late");
     create_topic(&broker.addr, &topic, 1);
     spoke_produce(&broker.addr, &topic, &["--count", "300", "--seed", "5"]);
-    let mut cfg = KafkaConfig {
-        brokers: broker.addr.clone(),
-        topics: vec![topic.clone()],
-        group: unique("g"),
-        revoke_timeout_ms: 2000,
-        ..KafkaConfig::default()
-    };
-    cfg.client
-        .insert("session.timeout.ms".into(), SESSION_TIMEOUT_MS.to_string());
-    cfg.client.insert(
-        "max.poll.interval.ms".into(),
-        MAX_POLL_INTERVAL_MS.to_string(),
-    );
+    let mut cfg = source_config(&broker.addr, &topic, &unique("g"));
+    cfg.revoke_timeout_ms = 2000;
     let metrics = Metrics::new();
     let mut src = KafkaSource::new(&cfg, metrics.clone()).unwrap();
     src.start(&Offsets::default()).await.unwrap();

@@ -14,20 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn kcfg(addr: &str, topic: &str, group: &str) -> KafkaConfig {
-    let mut c = KafkaConfig {
-        brokers: addr.into(),
-        topics: vec![topic.into()],
-        group: group.into(),
-        dead_letter_topic: String::new(),
-        queue_capacity: 256,
-        ..KafkaConfig::default()
-    };
-    c.client
-        .insert("session.timeout.ms".into(), SESSION_TIMEOUT_MS.to_string());
-    c.client.insert(
-        "max.poll.interval.ms".into(),
-        MAX_POLL_INTERVAL_MS.to_string(),
-    );
+    let mut c = source_config(addr, topic, group);
+    c.queue_capacity = 256;
     c.client
         .insert("statistics.interval.ms".into(), "1000".into());
     c
@@ -88,12 +76,9 @@ async fn offsets_commits_resume_and_pause() {
     let mut a = KafkaSource::new(&kcfg(&broker.addr, &topic, &group), metrics.clone()).unwrap();
     a.start(&Offsets::default()).await.unwrap();
     let first = take(&mut a, 3000, Duration::from_secs(60)).await;
-    let mut seen: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    let seen = by_partition(&first);
     for r in &first {
         assert_eq!(r.position.stream, topic);
-        seen.entry(r.position.partition)
-            .or_default()
-            .push(r.position.offset);
         let ev = spoke::source::decode_event(&r.payload, "x").expect("valid synthetic event");
         assert_eq!(
             r.key.as_deref(),
@@ -171,12 +156,7 @@ async fn offsets_commits_resume_and_pause() {
     assert_eq!(metrics.kafka_paused.get(), 1);
     b.set_paused(false).await.unwrap();
     let second = take(&mut b, remaining as usize, Duration::from_secs(60)).await;
-    let mut got: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
-    for r in &second {
-        got.entry(r.position.partition)
-            .or_default()
-            .push(r.position.offset);
-    }
+    let got = by_partition(&second);
     for (p, n) in &counts {
         let want: Vec<i64> = (expect_start[p]..*n).collect();
         assert_eq!(
@@ -224,12 +204,7 @@ async fn backpressure_bounds_the_hand_over_and_loses_nothing() {
     assert_eq!(most, 100, "the hand-over should have filled up");
     assert_eq!(metrics.kafka_paused.get(), 1, "a stalled reader pauses");
     got.extend(take(&mut src, 1999, Duration::from_secs(60)).await);
-    let mut seen: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
-    for r in &got {
-        seen.entry(r.position.partition)
-            .or_default()
-            .push(r.position.offset);
-    }
+    let seen = by_partition(&got);
     for (p, n) in &counts {
         let want: Vec<i64> = (0..*n).collect();
         assert_eq!(seen.get(p), Some(&want), "partition {p}");

@@ -369,21 +369,6 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wait until the pipeline acknowledges a revocation, at most until `deadline`. True when
-    /// it did (or can no longer: the source is closed).
-    fn wait_ack(ack_rx: &mut oneshot::Receiver<()>, deadline: Instant) -> bool {
-        loop {
-            match ack_rx.try_recv() {
-                Ok(()) | Err(oneshot::error::TryRecvError::Closed) => return true,
-                Err(oneshot::error::TryRecvError::Empty) => {}
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     fn count_error(&self, what: &str, err: &dyn std::fmt::Display) {
         self.metrics
             .source_errors
@@ -392,6 +377,21 @@ impl Shared {
         if self.error_log.ready() {
             tracing::warn!("Kafka {what}: {err} (retrying; further errors counted in spoke_source_errors_total).");
         }
+    }
+}
+
+/// Wait until the pipeline acknowledges a revocation, at most until `deadline`. True when it
+/// did (or can no longer: the source is closed).
+fn wait_ack(ack_rx: &mut oneshot::Receiver<()>, deadline: Instant) -> bool {
+    loop {
+        match ack_rx.try_recv() {
+            Ok(()) | Err(oneshot::error::TryRecvError::Closed) => return true,
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -520,7 +520,7 @@ impl Ctx {
         };
         let deadline = Instant::now() + sh.revoke_timeout;
         for (ps, mut ack_rx) in waiting {
-            if !sh.closing.load(Ordering::SeqCst) && !Shared::wait_ack(&mut ack_rx, deadline) {
+            if !sh.closing.load(Ordering::SeqCst) && !wait_ack(&mut ack_rx, deadline) {
                 tracing::warn!(
                     "The pipeline still has not acknowledged the revocation of {ps:?}; assigning again without it (events it trained since its last snapshot may be trained twice)."
                 );
@@ -649,7 +649,7 @@ impl Ctx {
                 if lost { " (assignment lost)" } else { "" },
                 parts
             );
-            if !Shared::wait_ack(&mut ack_rx, Instant::now() + sh.revoke_timeout) {
+            if !wait_ack(&mut ack_rx, Instant::now() + sh.revoke_timeout) {
                 tracing::warn!(
                     "The pipeline did not acknowledge the revocation of {:?} within {:?}; letting the rebalance proceed (if another member gets these partitions, events in flight may be trained again; if this one does, it waits for the acknowledgement first).",
                     parts,

@@ -117,6 +117,36 @@ pub fn unique(prefix: &str) -> String {
 pub const SESSION_TIMEOUT_MS: u64 = 6000;
 pub const MAX_POLL_INTERVAL_MS: u64 = 10000;
 
+/// A Kafka source configuration for tests: one topic and group, with the short group timeouts
+/// above so joins and expiries happen in seconds.
+pub fn source_config(addr: &str, topic: &str, group: &str) -> spoke::source::kafka::KafkaConfig {
+    let mut c = spoke::source::kafka::KafkaConfig {
+        brokers: addr.into(),
+        topics: vec![topic.into()],
+        group: group.into(),
+        dead_letter_topic: String::new(),
+        ..Default::default()
+    };
+    c.client
+        .insert("session.timeout.ms".into(), SESSION_TIMEOUT_MS.to_string());
+    c.client.insert(
+        "max.poll.interval.ms".into(),
+        MAX_POLL_INTERVAL_MS.to_string(),
+    );
+    c
+}
+
+/// Offsets per partition, in the order the records came.
+pub fn by_partition(records: &[spoke::source::SourceRecord]) -> BTreeMap<i32, Vec<i64>> {
+    let mut m: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for r in records {
+        m.entry(r.position.partition)
+            .or_default()
+            .push(r.position.offset);
+    }
+    m
+}
+
 pub fn client_config(addr: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", addr);
